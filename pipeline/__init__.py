@@ -1,0 +1,1 @@
+"""thermoscope: thermodynamic analysis of training checkpoint series."""

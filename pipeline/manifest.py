@@ -1,0 +1,93 @@
+"""The manifest: what the index stage found in a checkpoint folder (headers and logs only).
+
+Later stages depend on the manifest instead of re-scanning (or hashing) checkpoint bytes.
+All paths are absolute. Runs, checkpoints and tensors are in a fixed order: runs by name,
+checkpoints by step, tensors in natural order (``layers.2`` before ``layers.10``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named parameter tensor as declared in a safetensors header."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code: "F32", "F16", "BF16", "F64", ...
+
+    @property
+    def n_params(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved step of a run. ``files`` maps each tensor name to the file that holds it
+    (several files for sharded checkpoints). ``header_hash`` digests the headers, not data."""
+
+    step: int
+    files: dict[str, str]
+    header_hash: str
+
+
+@dataclass
+class TrainingLog:
+    """Per-step scalars from trainer_state.json or a CSV/JSONL log; NaN where not logged."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    source: str | None = None  # file the log came from, None when the run has no log
+
+
+@dataclass
+class Run:
+    """One training run: checkpoints in step order and the tensors they all share."""
+
+    name: str
+    path: str
+    checkpoints: list[Checkpoint]
+    tensors: list[TensorInfo]
+    log: TrainingLog = field(default_factory=TrainingLog)
+    activations: dict[str, str] = field(default_factory=dict)  # tensor name -> activation
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+
+@dataclass
+class Manifest:
+    """Everything found under ``root``; ``skipped`` lists (path, reason) of unusable files."""
+
+    root: str
+    runs: list[Run]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        raw = json.loads(text)
+        runs = []
+        for r in raw["runs"]:
+            runs.append(
+                Run(
+                    name=r["name"],
+                    path=r["path"],
+                    checkpoints=[Checkpoint(**c) for c in r["checkpoints"]],
+                    tensors=[TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in r["tensors"]],
+                    log=TrainingLog(**r["log"]),
+                    activations=r["activations"],
+                )
+            )
+        skipped = [tuple(s) for s in raw.get("skipped", [])]
+        return cls(root=raw["root"], runs=runs, skipped=skipped)
