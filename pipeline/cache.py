@@ -1,0 +1,77 @@
+"""Per-(run, layer) measurement cache: work already done is not redone.
+
+Each finished layer is saved (atomically) with the identity of the checkpoints it covered:
+header hash + file size + mtime of each. A later run whose checkpoints extend a cached prefix
+measures only the new ones (priming the lag buffer from the last cached checkpoints); a run
+interrupted midway (even by kill -9) resumes with the layers it had finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Checkpoint, Run, TensorInfo
+from .measure import MeasureSettings
+
+PER_STEP = ("weight_mean", "weight_rms", "weight_entropy", "gaussian_entropy", "non_gaussianity",
+            "nonfinite_count", "sq_distance", "spectral_entropy", "stable_rank")
+PER_WINDOW = ("ensemble_log_var",)
+
+
+def checkpoint_identity(checkpoint: Checkpoint, tensor: str) -> str:
+    """Header hash plus size and mtime of the file holding ``tensor`` (cheap stat, no data read)."""
+    st = os.stat(checkpoint.files[tensor])
+    return f"{checkpoint.header_hash}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class LayerCache:
+    """Cached layer results under ``root/<settings hash>/<run>/<tensor>.npz``."""
+
+    def __init__(self, root, settings: MeasureSettings):
+        relevant = {k: v for k, v in asdict(settings).items() if k != "device"}
+        digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        self.root = Path(root) / digest
+
+    def _path(self, run: Run, tensor: TensorInfo) -> Path:
+        key = hashlib.sha256(f"{tensor.name}|{tensor.shape}|{tensor.dtype}".encode()).hexdigest()[:12]
+        return self.root / run.name.replace("/", "_") / f"{key}.npz"
+
+    def load(self, run: Run, tensor: TensorInfo) -> tuple[dict | None, int]:
+        """(cached result, number of leading checkpoints it covers) or (None, 0)."""
+        path = self._path(run, tensor)
+        if not path.exists():
+            return None, 0
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            return None, 0
+        ids = [checkpoint_identity(c, tensor.name) for c in run.checkpoints]
+        cached_ids = list(data.pop("_ids"))
+        if len(cached_ids) > len(ids) or ids[: len(cached_ids)] != cached_ids:
+            return None, 0
+        return data, len(cached_ids)
+
+    def save(self, run: Run, tensor: TensorInfo, result: dict) -> None:
+        path = self._path(run, tensor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = np.array([checkpoint_identity(c, tensor.name) for c in run.checkpoints])
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, _ids=ids, **result)
+        os.replace(tmp, path)
+
+
+def merge(cached: dict | None, new: dict) -> dict:
+    """Append newly measured steps/windows to a cached prefix."""
+    if cached is None:
+        return new
+    merged = {}
+    for key, value in new.items():
+        merged[key] = np.concatenate([cached[key], value]) if key in cached else value
+    return merged

@@ -1,0 +1,167 @@
+"""Streaming measurement of one (run, layer, row block): each checkpoint byte is read once.
+
+A task receives file paths (never open handles), walks the checkpoints in step order and keeps
+only what the estimators need: the current block, the previous ``max_lag`` blocks (for the
+squared-distance band), per-coordinate ensemble-window accumulators and a fixed random subsample
+of coordinates (for the value-distribution entropy). It returns small per-step arrays.
+``finalize_layer`` merges the blocks of one layer into per-step layer statistics.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .estimators.displacement import sq_distance_band
+from .estimators.ensemble import ensemble_init, ensemble_log_var_sum, ensemble_update
+from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
+from .estimators.spectral import singular_values, spectral_metrics
+from .manifest import TensorInfo
+from .safetensors_io import read_rows
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """Knobs of the measure stage (all from params.yaml ``measure``)."""
+
+    max_lag: int = 8  # checkpoints back for the squared-distance band
+    entropy_sample: int = 2**18  # coordinates per layer used for the entropy (same at every step)
+    block_elems: int = 2**24  # elements per row block: bounds memory per task (x (max_lag+2))
+    ensemble_window: int = 8  # checkpoints per ensemble-entropy window
+    spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
+    device: str = "auto"  # "auto": cuda where the worker sees a GPU
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """One unit of work: rows [start, stop) of ``tensor`` through checkpoints ``files``."""
+
+    run: str
+    tensor: TensorInfo
+    start: int
+    stop: int
+    files: tuple[str, ...]  # file holding the tensor, one per checkpoint in step order
+    steps: tuple[int, ...]
+    resume_from: int = 0  # checkpoints before this index are already measured (cached)
+
+    def read_from(self, settings: "MeasureSettings") -> int:
+        """First checkpoint to read: enough history for the band and the open ensemble window."""
+        window_start = (self.resume_from // settings.ensemble_window) * settings.ensemble_window
+        return max(0, min(self.resume_from - settings.max_lag, window_start))
+
+
+def _rows(tensor: TensorInfo) -> int:
+    return tensor.shape[0] if tensor.shape else 1
+
+
+def _row_elems(tensor: TensorInfo) -> int:
+    return max(1, tensor.n_params // max(_rows(tensor), 1))
+
+
+def layer_blocks(tensor: TensorInfo, settings: MeasureSettings) -> list[tuple[int, int]]:
+    """Row ranges that split ``tensor`` into blocks of about ``block_elems`` elements."""
+    rows = _rows(tensor)
+    if settings.spectral and len(tensor.shape) >= 2:
+        return [(0, rows)]
+    per_block = max(1, settings.block_elems // _row_elems(tensor))
+    return [(a, min(a + per_block, rows)) for a in range(0, rows, per_block)]
+
+
+def _layer_seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
+    """Stream one row block through the checkpoints; return per-step partial statistics.
+
+    Per-step arrays cover checkpoints ``resume_from ..`` (earlier ones are read only to prime the
+    lag buffer and the open ensemble window): ``count`` finite values, ``sum`` / ``sumsq`` of
+    finite values (weight, weight^2; float64), ``nonfinite``, ``sq_distance`` (n, max_lag)
+    weight^2, ``sample`` (n, k) float32 values of a fixed random coordinate subset, and
+    ``spectral`` (n, 2) when on; ``ensemble_log_var`` holds one value per completed window
+    starting at or after the window containing ``resume_from``.
+    """
+    device = resolve_device(settings.device)
+    first, read_from = task.resume_from, task.read_from(settings)
+    n_out = len(task.files) - first
+    n_block = (task.stop - task.start) * _row_elems(task.tensor)
+    share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
+    pick = entropy_subsample_indices(n_block, share, _layer_seed(task.tensor.name) + task.start).to(device)
+    out = {
+        "count": np.zeros(n_out), "sum": np.zeros(n_out), "sumsq": np.zeros(n_out),
+        "nonfinite": np.zeros(n_out, dtype=np.int64),
+        "sq_distance": np.full((n_out, settings.max_lag), np.nan),
+        "sample": np.zeros((n_out, len(pick)), dtype=np.float32),
+    }
+    spectral = settings.spectral and len(task.tensor.shape) >= 2
+    if spectral:
+        out["spectral"] = np.full((n_out, 2), np.nan)
+    previous: deque[torch.Tensor] = deque(maxlen=settings.max_lag)
+    windows, ens = [], None
+    for i in range(read_from, len(task.files)):
+        block = read_rows(task.files[i], task.tensor.name, task.start, task.stop).to(device)
+        flat = block.reshape(-1)
+        finite = torch.isfinite(flat)
+        clean = torch.where(finite, flat, torch.zeros((), device=device))
+        if i >= first:
+            j = i - first
+            _step_statistics(out, j, flat, finite, clean, pick)
+            if previous:
+                band = sq_distance_band(flat, list(reversed(previous)))
+                out["sq_distance"][j, : len(band)] = band
+            if spectral and bool(finite.all()):
+                matrix = block.reshape(block.shape[0], -1)
+                out["spectral"][j] = spectral_metrics(singular_values(matrix), *matrix.shape)
+        previous.append(flat)
+        if i % settings.ensemble_window == 0:
+            ens = ensemble_init(flat.numel())
+        ens = ensemble_update(ens, clean, float(task.steps[i]))
+        if (i + 1) % settings.ensemble_window == 0:
+            windows.append(ensemble_log_var_sum(ens))
+    out["ensemble_log_var"] = np.asarray(windows, dtype=np.float64)
+    return out
+
+
+def _step_statistics(out: dict, j: int, flat, finite, clean, pick) -> None:
+    """Fill row ``j`` of the per-step moment, non-finite and subsample arrays."""
+    out["count"][j] = float(finite.sum())
+    out["nonfinite"][j] = flat.numel() - int(out["count"][j])
+    out["sum"][j] = float(clean.sum(dtype=torch.float64))
+    out["sumsq"][j] = float(clean.square().sum(dtype=torch.float64))
+    out["sample"][j] = flat[pick].cpu().numpy()
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` on a worker that sees a GPU, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def finalize_layer(blocks: list[dict]) -> dict:
+    """Merge the row blocks of one layer into per-step layer statistics (see docs/INTERNALS.md)."""
+    total = {k: sum(b[k] for b in blocks) for k in ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var")}
+    count = np.where(total["count"] > 0, total["count"], np.nan)
+    mean = total["sum"] / count
+    var = np.maximum(total["sumsq"] / count - mean**2, 0.0)
+    sample = np.concatenate([b["sample"] for b in blocks], axis=1)
+    entropy = np.array([differential_entropy(torch.from_numpy(row)) for row in sample])
+    gauss = gaussian_entropy(np.where(var > 0, var, np.nan))
+    result = {
+        "weight_mean": mean,
+        "weight_rms": np.sqrt(total["sumsq"] / count),
+        "weight_entropy": entropy,
+        "gaussian_entropy": gauss,
+        "non_gaussianity": gauss - entropy,
+        "nonfinite_count": total["nonfinite"],
+        "sq_distance": total["sq_distance"],
+        "ensemble_log_var": total["ensemble_log_var"],
+    }
+    if "spectral" in blocks[0]:
+        result["spectral_entropy"] = blocks[0]["spectral"][:, 0]
+        result["stable_rank"] = blocks[0]["spectral"][:, 1]
+    return result

@@ -1,0 +1,79 @@
+"""Where measurement tasks run: an embedded local Dask cluster, an existing one, or GPU workers.
+
+``dask_client`` yields a ``distributed.Client``: joins ``scheduler_address`` (or the
+``DASK_SCHEDULER_ADDRESS`` environment variable) when given, else starts a ``LocalCUDACluster``
+(one worker per GPU, dask-cuda) when CUDA is visible and allowed, else a ``LocalCluster`` of
+single-threaded worker processes sized to the machine. ``run_tasks`` submits a
+(run, layer) -> [blocks] -> finalize graph and yields each layer as it completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from distributed import Client, LocalCluster, as_completed
+
+from .measure import BlockTask, MeasureSettings, finalize_layer, measure_block
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Knobs of the execution (params.yaml ``dask``)."""
+
+    scheduler_address: str | None = None  # join this cluster instead of starting one
+    n_workers: int | None = None  # local cluster size; None = one per core
+    memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
+    gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
+
+
+def resolve_address(settings: ClusterSettings) -> str | None:
+    return settings.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def dask_client(settings: ClusterSettings) -> Iterator[Client]:
+    """A connected client; a cluster started here is closed on exit."""
+    address = resolve_address(settings)
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    with _local_cluster(settings) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _local_cluster(settings: ClusterSettings):
+    quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
+    if settings.gpu != "off" and torch.cuda.is_available():
+        from dask_cuda import LocalCUDACluster  # extra `gpu`
+
+        return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
+    n = settings.n_workers or os.cpu_count() or 1
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                        memory_limit=settings.memory_limit, **quiet)
+
+
+def run_tasks(client: Client, layers: dict[tuple[str, str], list[BlockTask]],
+              settings: MeasureSettings) -> Iterator[tuple[tuple[str, str], dict]]:
+    """Submit every layer's block tasks and a finalize task; yield (key, result) as done."""
+    finals = {}
+    for key, tasks in layers.items():
+        blocks = [client.submit(measure_block, t, settings, pure=False) for t in tasks]
+        finals[client.submit(finalize_layer, blocks, pure=False)] = key
+    for future in as_completed(finals):
+        key = finals.pop(future)
+        result = future.result()
+        future.release()
+        yield key, result
+
+
+def dashboard_link(client: Client) -> str | None:
+    with contextlib.suppress(Exception):
+        return client.dashboard_link
+    return None
+

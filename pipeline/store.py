@@ -1,0 +1,97 @@
+"""The results store: a Zarr-backed ``xarray.DataTree`` with one node per run (+ ``sweep``).
+
+Writes are atomic: the tree is written to a sibling temporary folder and swapped into place,
+so a failed or killed run leaves any previous store byte-identical. Every variable carries
+``units``, ``long_name`` and ``estimator`` attrs from ``VARIABLES``, the single registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+# name -> (units, long_name, estimator). Units of weights are the checkpoint's own ("weight").
+VARIABLES: dict[str, tuple[str, str, str]] = {
+    "weight_mean": ("weight", "mean of the layer's values", "moments"),
+    "weight_rms": ("weight", "root mean square of the layer's values", "moments"),
+    "weight_entropy": ("nats/param", "differential entropy of the value distribution", "entropy.differential_entropy"),
+    "gaussian_entropy": ("nats/param", "entropy of a Gaussian with the same variance", "entropy.gaussian_entropy"),
+    "non_gaussianity": ("nats/param", "Gaussian entropy minus value entropy (>= 0)", "entropy"),
+    "nonfinite_count": ("count", "NaN or Inf values in the layer", "moments"),
+    "sq_distance": ("weight^2", "squared distance to the checkpoint lag steps back, summed over the layer", "displacement.sq_distance_band"),
+    "msd": ("weight^2/param", "mean squared displacement since the previous checkpoint", "displacement"),
+    "ensemble_log_var": ("ln(weight^2)", "sum over coordinates of ln Var of detrended values in the window", "ensemble.ensemble_log_var_sum"),
+    "spectral_entropy": ("1", "spectral entropy normalised by ln(rank) (WeightWatcher)", "spectral.spectral_metrics"),
+    "stable_rank": ("1", "stable rank sum(s^2)/max(s^2) (WeightWatcher)", "spectral.spectral_metrics"),
+}
+
+
+def register(name: str, units: str, long_name: str, estimator: str) -> None:
+    """Add a derived variable's metadata to the registry (called by the modules that make it)."""
+    VARIABLES[name] = (units, long_name, estimator)
+
+
+def annotate(ds: xr.Dataset) -> xr.Dataset:
+    """Set units/long_name/estimator on every data variable from the registry."""
+    for name in ds.data_vars:
+        if name not in VARIABLES:
+            raise KeyError(f"variable {name!r} has no entry in pipeline.store.VARIABLES")
+        units, long_name, estimator = VARIABLES[name]
+        ds[name].attrs.update(units=units, long_name=long_name, estimator=estimator)
+    return ds
+
+
+def write_tree(tree: xr.DataTree, path) -> Path:
+    """Write ``tree`` to ``path`` atomically (temp folder + rename swap)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tree.to_zarr(tmp, mode="w", consolidated=True, encoding=_encodings(tree))
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _encodings(tree: xr.DataTree) -> dict:
+    """One chunk per variable: a store stays a few files whatever its steps x layers."""
+    enc = {}
+    for node in tree.subtree:
+        ds = node.to_dataset(inherit=False)
+        enc[node.path] = {name: {"chunks": ds[name].shape or None} for name in ds.data_vars if ds[name].ndim}
+    return {k: v for k, v in enc.items() if v}
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Replace ``path`` with ``tmp``; the old store is kept aside until the new one is in place."""
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def open_tree(path) -> xr.DataTree:
+    """Open a store written by ``write_tree`` (lazy, Zarr-backed)."""
+    return xr.open_datatree(Path(path), engine="zarr")
+
+
+def set_json_attr(ds, key: str, value) -> None:
+    """Zarr attrs hold JSON; nested values are stored as one JSON string."""
+    ds.attrs[key] = json.dumps(value)
+
+
+def node_name(run_name: str) -> str:
+    """A DataTree-safe node name for a run (no '/')."""
+    return run_name.replace("/", "_") or "run"
+
+
+def to_float(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
