@@ -1,0 +1,362 @@
+"""Scan a checkpoint folder into a ``Manifest``, reading safetensors headers only.
+
+Layouts (see docs/methods/inputs.md):
+  (a) flat: ``*.safetensors`` files in one folder; the step is ``__metadata__["step"]`` when
+      present, else the number after ``step`` in the file name, else its last integer;
+  (b) Hugging Face Trainer: ``checkpoint-<step>/model.safetensors``, or shards listed by
+      ``checkpoint-<step>/model.safetensors.index.json``;
+  (c) sweep: a folder whose subfolders are runs in layout (a) or (b).
+A folder that itself holds checkpoints is one run named after the folder.
+
+``scan`` never raises: it collects every problem as a ``Problem``. ``discover`` raises the first
+one as ``InputError`` (or, with ``skip_bad``, drops the affected checkpoints and lists them in
+``Manifest.skipped``); ``pipeline.validate`` turns the same problems into a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.errors import InputError
+from pipeline.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
+from pipeline.safetensors_io import Header, is_float_dtype, load_header
+from pipeline.training_log import find_log_files, read_activations, read_training_log
+
+INDEX_NAME = "model.safetensors.index.json"
+_TRAINER_DIR = re.compile(r"^checkpoint[-_](.*)$")
+_STEP_IN_NAME = re.compile(r"step[^0-9a-z]*(\d+)", re.IGNORECASE)
+
+
+def natural_key(s: str) -> list:
+    """Sort key that orders embedded integers numerically: ``layers.2`` < ``layers.10``."""
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", s))]
+
+
+def step_from_name(filename: str) -> int | None:
+    """Step encoded in a checkpoint file name: the number after ``step`` if any, else the last
+    integer (``epoch3-step100`` -> 100, ``ckpt-100`` -> 100, ``100.safetensors`` -> 100)."""
+    stem = os.path.basename(filename).removesuffix(".safetensors")
+    found = _STEP_IN_NAME.findall(stem) or re.findall(r"\d+", stem)
+    return int(found[-1]) if found else None
+
+
+@dataclass
+class Problem:
+    """One reason a file, checkpoint or run cannot be used. ``scope``: "file" (that checkpoint
+    is dropped), "run" (cross-checkpoint or log problem of a run), "root" (nothing usable)."""
+
+    path: str
+    reason: str
+    tensor: str | None = None
+    scope: str = "file"
+
+    def error(self) -> InputError:
+        return InputError(self.path, self.reason, self.tensor)
+
+    def text(self) -> str:
+        return f"tensor '{self.tensor}': {self.reason}" if self.tensor else self.reason
+
+
+@dataclass
+class _Ckpt:
+    """A checkpoint candidate: ``label`` is its file (flat) or folder (Trainer)."""
+
+    step: int
+    label: str
+    tensors: dict[str, tuple[TensorInfo, str]]  # float tensors: name -> (info, file)
+    header_hash: str
+
+
+@dataclass
+class Scan:
+    """Everything ``scan`` found: usable runs, every problem, every file looked at."""
+
+    root: str
+    runs: list[Run] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    run_dirs: list[str] = field(default_factory=list)
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return sorted((n for n in os.listdir(d) if not n.startswith(".")), key=natural_key)
+    except OSError:
+        return []
+
+
+def _flat_files(d: str) -> list[str]:
+    return [os.path.join(d, n) for n in _listdir(d)
+            if n.endswith(".safetensors") and os.path.isfile(os.path.join(d, n))]
+
+
+def _trainer_dirs(d: str) -> list[str]:
+    return [os.path.join(d, n) for n in _listdir(d)
+            if _TRAINER_DIR.match(n) and os.path.isdir(os.path.join(d, n))]
+
+
+def has_checkpoints(d: str) -> bool:
+    """True when folder ``d`` itself holds checkpoints (layout a or b)."""
+    return bool(_flat_files(d) or _trainer_dirs(d))
+
+
+def find_runs(root: str) -> list[tuple[str, str]]:
+    """(name, folder) of each run under ``root``: the root itself, or its run subfolders."""
+    if has_checkpoints(root):
+        return [(os.path.basename(root.rstrip(os.sep)) or root, root)]
+    subs = [os.path.join(root, n) for n in _listdir(root) if os.path.isdir(os.path.join(root, n))]
+    return [(os.path.basename(s), s) for s in subs if has_checkpoints(s)]
+
+
+def _hash(headers: list[Header], extra: list[tuple[str, bytes]] = ()) -> str:
+    h = hashlib.sha256()
+    for name, raw in extra:
+        h.update(os.path.basename(name).encode() + b"\0" + raw)
+    for hd in sorted(headers, key=lambda x: x.path):
+        h.update(os.path.basename(hd.path).encode() + b"\0")
+        hd.digest_into(h)
+    return h.hexdigest()
+
+
+def _float_tensors(headers: list[Header], names: dict[str, str] | None = None) -> dict:
+    """name -> (TensorInfo, file) for the float tensors; ``names`` restricts to an index's map."""
+    out = {}
+    for hd in headers:
+        for n, (dtype, shape, _) in hd.tensors.items():
+            if names is not None and names.get(n) != hd.path:
+                continue
+            if n in out:
+                raise InputError(hd.path, f"also defined in {out[n][1]}", n)
+            if is_float_dtype(dtype):
+                out[n] = (TensorInfo(n, shape, dtype), hd.path)
+    return out
+
+
+def _metadata_step(hd: Header) -> int | None:
+    raw = hd.metadata.get("step")
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise InputError(hd.path, f"__metadata__ step {raw[:40]!r} is not an integer") from None
+
+
+def _flat_ckpt(path: str) -> _Ckpt:
+    hd = load_header(path)
+    step = _metadata_step(hd)
+    if step is None:
+        step = step_from_name(path)
+    if step is None:
+        raise InputError(path, "no step number in the file name or in __metadata__ 'step'")
+    return _ckpt(step, path, [hd])
+
+
+def _ckpt(step: int, label: str, headers: list[Header], names=None, extra=()) -> _Ckpt:
+    tensors = _float_tensors(headers, names)
+    if not tensors:
+        raise InputError(label, "no floating-point tensors")
+    return _Ckpt(step, label, tensors, _hash(headers, list(extra)))
+
+
+def _shard_path(index: str, folder: str, fname, tensor: str) -> str:
+    """Resolve a weight_map entry inside the checkpoint folder; refuse anything outside it."""
+    if not isinstance(fname, str) or not fname:
+        raise InputError(index, "weight_map entry is not a file name", tensor)
+    parts = re.split(r"[\\/]", fname)
+    if os.path.isabs(fname) or fname.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", fname):
+        raise InputError(index, f"weight_map names {fname[:80]!r}, outside the checkpoint folder", tensor)
+    path = os.path.join(folder, *parts)
+    if not os.path.isfile(path):
+        raise InputError(index, f"shard {fname[:80]!r} named in weight_map does not exist", tensor)
+    return path
+
+
+def _sharded_ckpt(step: int, folder: str, index: str) -> tuple[_Ckpt, list[str]]:
+    try:
+        with open(index, "rb") as f:
+            raw = f.read(100_000_000)
+        wm = json.loads(raw.decode("utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+        raise InputError(index, f"cannot parse index JSON ({str(e)[:100]})") from None
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(index, "no 'weight_map' object in the index")
+    names = {n: _shard_path(index, folder, f, n) for n, f in wm.items()}
+    headers = {p: load_header(p) for p in sorted(set(names.values()))}
+    for n, p in names.items():
+        if n not in headers[p].tensors:
+            raise InputError(index, f"weight_map puts it in {os.path.basename(p)}, which does not hold it", n)
+    return _ckpt(step, folder, list(headers.values()), names, [(index, raw)]), [index, *headers]
+
+
+def _trainer_ckpt(folder: str) -> tuple[_Ckpt, list[str]]:
+    raw = _TRAINER_DIR.match(os.path.basename(folder)).group(1)
+    if not raw.isdigit():
+        raise InputError(folder, f"step {raw[:40]!r} in the folder name is not an integer")
+    step = int(raw)
+    index = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index):
+        return _sharded_ckpt(step, folder, index)
+    files = _flat_files(folder)
+    main = os.path.join(folder, "model.safetensors")
+    files = [main] if main in files else files
+    if not files:
+        raise InputError(folder, "no .safetensors file in the checkpoint folder")
+    return _ckpt(step, folder, [load_header(p) for p in files]), files
+
+
+def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
+    """Checkpoint candidates of one run; per-file problems go to ``out.problems``."""
+    found = []
+    trainer = _trainer_dirs(run_dir)
+    if trainer:
+        for f in _flat_files(run_dir):
+            out.ignored.append((f, "loose file next to checkpoint-<step>/ folders (Trainer layout); ignored"))
+        jobs = [(d, _trainer_ckpt, d) for d in trainer]
+    else:
+        jobs = [(f, lambda p: (_flat_ckpt(p), [p]), f) for f in _flat_files(run_dir)]
+    for label, fn, arg in jobs:
+        try:
+            ck, files = fn(arg)
+            out.files.extend(files)
+            found.append(ck)
+        except InputError as e:
+            out.files.extend(_folder_files(label) if os.path.isdir(label) else [label])
+            out.problems.append(Problem(e.path, e.reason, e.tensor))
+    return _drop_duplicate_steps(found, out)
+
+
+def _folder_files(folder: str) -> list[str]:
+    index = os.path.join(folder, INDEX_NAME)
+    return ([index] if os.path.isfile(index) else []) + _flat_files(folder)
+
+
+def _drop_duplicate_steps(found: list[_Ckpt], out: Scan) -> list[_Ckpt]:
+    by_step: dict[int, list[_Ckpt]] = {}
+    for c in found:
+        by_step.setdefault(c.step, []).append(c)
+    keep = []
+    for step, group in sorted(by_step.items()):
+        if len(group) == 1:
+            keep.append(group[0])
+            continue
+        for c in group:
+            others = ", ".join(o.label for o in group if o is not c)
+            out.problems.append(Problem(c.label, f"duplicate step {step}: also the step of {others}"))
+    return keep
+
+
+def _signature(c: _Ckpt) -> tuple:
+    return tuple(sorted((n, info.shape, info.dtype) for n, (info, _) in c.tensors.items()))
+
+
+def _difference(c: _Ckpt, ref: _Ckpt) -> Problem | None:
+    """First way checkpoint ``c`` differs from the reference one (+ how many more)."""
+    issues = []
+    for n in sorted(ref.tensors, key=natural_key):
+        a = ref.tensors[n][0]
+        if n not in c.tensors:
+            issues.append((n, f"missing here but present in {ref.label} (renamed or removed?)"))
+            continue
+        b = c.tensors[n][0]
+        if a.shape != b.shape:
+            issues.append((n, f"shape changes from {a.shape} in {ref.label} to {b.shape}"))
+        if a.dtype != b.dtype:
+            issues.append((n, f"dtype changes from {a.dtype} in {ref.label} to {b.dtype}"))
+    for n in sorted(set(c.tensors) - set(ref.tensors), key=natural_key):
+        issues.append((n, f"not present in {ref.label} (renamed or added?)"))
+    if not issues:
+        return None
+    more = f" (+{len(issues) - 1} more differences)" if len(issues) > 1 else ""
+    return Problem(c.label, issues[0][1] + more, issues[0][0], scope="run")
+
+
+def _consistent(cks: list[_Ckpt], out: Scan) -> list[_Ckpt]:
+    """Keep checkpoints matching the most common tensor signature (ties: earliest step)."""
+    if not cks:
+        return []
+    sigs = [_signature(c) for c in cks]
+    counts = Counter(sigs)
+    best = max(counts.values())
+    ref = next(c for c, s in zip(cks, sigs) if counts[s] == best)
+    keep = []
+    for c in cks:
+        p = _difference(c, ref)
+        if p is None:
+            keep.append(c)
+        else:
+            out.problems.append(p)
+    return keep
+
+
+def _run_extras(run_dir: str, tensors: list[TensorInfo], out: Scan) -> tuple[TrainingLog, dict]:
+    explicit, others = find_log_files(run_dir)
+    out.files.extend(explicit + others)
+    cfg = os.path.join(run_dir, "config.json")
+    out.files.extend([cfg] if os.path.isfile(cfg) else [])
+    log, acts = TrainingLog(), {}
+    try:
+        log = read_training_log(run_dir)
+    except InputError as e:
+        out.problems.append(Problem(e.path, e.reason, e.tensor, scope="run"))
+    try:
+        acts = read_activations(run_dir, tensors)
+    except InputError as e:
+        out.problems.append(Problem(e.path, e.reason, e.tensor, scope="run"))
+    return log, acts
+
+
+def _scan_run(name: str, run_dir: str, out: Scan) -> None:
+    cks = _consistent(_candidates(run_dir, out), out)
+    if not cks:
+        out.problems.append(Problem(run_dir, "no usable checkpoints in this run", scope="run"))
+        return
+    ref = cks[0].tensors
+    tensors = [ref[n][0] for n in sorted(ref, key=natural_key)]
+    log, acts = _run_extras(run_dir, tensors, out)
+    checkpoints = [Checkpoint(c.step, {t.name: c.tensors[t.name][1] for t in tensors}, c.header_hash)
+                   for c in cks]
+    out.runs.append(Run(name, run_dir, checkpoints, tensors, log, acts))
+
+
+def scan(path) -> Scan:
+    """Collect runs, problems and candidate files under ``path`` without raising."""
+    root = os.path.abspath(os.fspath(path))
+    out = Scan(root)
+    if not os.path.isdir(root):
+        why = "is a file, not a folder of checkpoints" if os.path.exists(root) else "no such folder"
+        out.problems.append(Problem(root, why, scope="root"))
+        return out
+    runs = find_runs(root)
+    if not runs:
+        out.problems.append(Problem(root, "no checkpoints found (expected *.safetensors files or "
+                                          "checkpoint-<step>/ folders, here or in run subfolders)", scope="root"))
+    for name, d in runs:
+        out.run_dirs.append(d)
+        _scan_run(name, d, out)
+    return out
+
+
+def discover(path, skip_bad: bool = False) -> Manifest:
+    """Manifest of every run under ``path`` (headers and logs only).
+
+    Raises ``InputError`` for the first problem found (the message says how many more there
+    are). With ``skip_bad=True``, unusable checkpoints (bad header, duplicate or unparseable
+    step, tensors that differ from the run's other checkpoints) and unparseable logs are listed
+    in ``Manifest.skipped`` as (path, reason) and left out; it still raises when nothing usable
+    remains.
+    """
+    s = scan(path)
+    if s.problems and (not skip_bad or not s.runs):
+        first = s.problems[0]
+        more = len(s.problems) - 1
+        suffix = f" (+{more} more problems; `thermoscope check` lists them all)" if more else ""
+        raise InputError(first.path, first.reason + suffix, first.tensor)
+    skipped = [(p.path, p.text()) for p in s.problems] + s.ignored
+    return Manifest(root=s.root, runs=s.runs, skipped=skipped)

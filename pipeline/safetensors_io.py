@@ -1,0 +1,229 @@
+"""Safetensors files read without trusting them: a validated header, then row blocks as fp32.
+
+A safetensors file is ``<u64 little-endian N><N bytes of JSON header><data buffer>``. The header
+maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to
+the start of the data buffer) plus an optional ``"__metadata__"`` of string -> string.
+
+``read_header`` checks everything a corrupt or hostile file can get wrong before anything
+else touches it: the length prefix is bounded by the file size and by ``MAX_HEADER_BYTES``
+(nothing is allocated from an unchecked number), the JSON is parsed with recursion and
+number-size errors caught, each entry's byte span must equal ``numel * itemsize``, and the
+spans must tile the data buffer exactly (no overlap, no gap, nothing past the end, no
+trailing bytes), which is the same rule the safetensors library itself enforces. Every
+problem becomes ``InputError(path, reason, tensor)``.
+
+``read_rows`` then reads a row block through ``safe_open(...).get_slice`` (memory-mapped, only
+the requested bytes) and upcasts once to contiguous float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import InputError
+from pipeline.manifest import TensorInfo
+
+MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
+
+#: dtype code -> bytes per element, for every dtype this module understands.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+#: Floating-point dtypes: the ones that are weights (read_rows upcasts them to float32).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def is_float_dtype(dtype: str) -> bool:
+    """True for the floating-point dtype codes (weights); False for integer/bool buffers."""
+    return dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: ``tensors`` {name: (dtype, shape, (begin, end))} in file order,
+    ``metadata`` (``__metadata__``), the ``raw`` bytes (length prefix + JSON) and file size."""
+
+    path: str
+    tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
+    metadata: dict[str, str]
+    raw: bytes
+    file_size: int
+
+    def digest_into(self, h: "hashlib._Hash") -> None:
+        """Feed raw header bytes and the file size into a running hash."""
+        h.update(struct.pack("<Q", self.file_size))
+        h.update(self.raw)
+
+
+def _raw_header(path: str) -> tuple[bytes, int]:
+    """Length-prefix + header bytes and the file size, bounded before any allocation."""
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, not a safetensors file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(path, f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise InputError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes)")
+            body = f.read(n)
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    if len(body) != n:
+        raise InputError(path, "file shrank while reading the header")
+    return prefix + body, size
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key '{dup}'")
+    return dict(pairs)
+
+
+def _parse_json(path: str, body: bytes) -> dict:
+    try:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise InputError(path, "header is not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(path, "header JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, duplicate keys, over-long integers
+        raise InputError(path, f"header is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(obj, dict):
+        raise InputError(path, "header is not a JSON object")
+    return obj
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: str, name: str, e) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """Validate one tensor entry: known dtype, integer shape, span = numel * itemsize."""
+    if not isinstance(e, dict):
+        raise InputError(path, "header entry is not an object", name)
+    dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise InputError(path, f"unknown dtype {str(dtype)[:40]!r}", name)
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise InputError(path, "shape is not a list of non-negative integers", name)
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_index(o) for o in offs):
+        raise InputError(path, "data_offsets is not a pair of non-negative integers", name)
+    begin, end = offs
+    if end < begin:
+        raise InputError(path, f"data_offsets end {end} before begin {begin}", name)
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != nbytes:
+        raise InputError(
+            path, f"shape {tuple(shape)} x {dtype} needs {nbytes} bytes but data_offsets span {end - begin}", name
+        )
+    return dtype, tuple(shape), (begin, end)
+
+
+def _metadata(path: str, meta) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(path, "__metadata__ is not an object of strings")
+    return meta
+
+
+def _check_tiling(path: str, tensors: dict, data_len: int) -> None:
+    """Spans must cover [0, data_len) exactly once: no overlap, gap, overrun or trailing bytes."""
+    pos, prev = 0, None
+    for name, (_, _, (begin, end)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
+        if end > data_len:
+            raise InputError(path, f"data_offsets [{begin}, {end}] run past the end of the file "
+                                   f"(data buffer is {data_len} bytes)", name)
+        if begin < pos:
+            raise InputError(path, f"data_offsets [{begin}, {end}] overlap tensor '{prev}'", name)
+        if begin > pos:
+            raise InputError(path, f"gap of {begin - pos} bytes before data_offsets [{begin}, {end}]", name)
+        pos, prev = end, name
+    if pos != data_len:
+        raise InputError(path, f"{data_len - pos} bytes after the last tensor are not covered by the header")
+
+
+def load_header(path) -> Header:
+    """Read and fully validate the header of ``path``; raises ``InputError`` on any problem."""
+    path = os.fspath(path)
+    raw, size = _raw_header(path)
+    obj = _parse_json(path, raw[8:])
+    meta = _metadata(path, obj.pop("__metadata__", None))
+    tensors = {name: _entry(path, name, e) for name, e in obj.items()}
+    _check_tiling(path, tensors, size - len(raw))
+    return Header(path, tensors, meta, raw, size)
+
+
+def read_header(path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """Validated tensor entries of a safetensors file: {name: (dtype, shape, (begin, end))}.
+
+    Offsets are relative to the data buffer, as in the file. ``__metadata__`` is not included
+    (see ``read_metadata``). Raises ``InputError`` naming the file (and tensor) on any problem.
+    """
+    return dict(load_header(path).tensors)
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The ``__metadata__`` string map of a safetensors file ({} when absent); validates the file."""
+    return dict(load_header(path).metadata)
+
+
+def tensor_infos(path) -> list[TensorInfo]:
+    """Every tensor of the file as ``TensorInfo`` (float and non-float), in header order."""
+    return [TensorInfo(n, shape, dtype) for n, (dtype, shape, _) in load_header(path).tensors.items()]
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_header(path: str, size: int, mtime_ns: int) -> Header:
+    return load_header(path)
+
+
+def _header_for_read(path: str) -> Header:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    return _cached_header(path, st.st_size, st.st_mtime_ns)
+
+
+def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of tensor ``name`` (first dimension; elements of a 1-D tensor; the
+    scalar itself for 0-D, where start/stop are ignored) as a contiguous ``torch.float32`` tensor.
+
+    Memory-mapped: only the requested bytes are read, then upcast once (F16/BF16/F8/F64 ->
+    F32; F32 is returned as read). The header is validated (cached per path, size and mtime).
+    Raises ``InputError`` for a bad file, an unknown tensor or an out-of-range row block.
+    """
+    path = os.fspath(path)
+    header = _header_for_read(path)
+    if name not in header.tensors:
+        raise InputError(path, "no such tensor in the file", name)
+    shape = header.tensors[name][1]
+    if shape and not (0 <= start <= stop <= shape[0]):
+        raise InputError(path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            t = f.get_slice(name)[start:stop] if shape else f.get_tensor(name)
+    except InputError:
+        raise
+    except Exception as e:  # SafetensorError and anything torch raises on a damaged mapping
+        raise InputError(path, f"cannot read tensor data ({type(e).__name__}: {str(e)[:120]})", name) from None
+    return t.to(torch.float32).contiguous()
