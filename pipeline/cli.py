@@ -1,0 +1,137 @@
+"""The ``thermoscope`` command: analyze, report, check, demo.
+
+Exit codes: 0 success; 1 findings (``check`` found bad files); 2 bad input or usage (one-line
+message naming the file and the reason); 3 internal error (``--debug`` shows the traceback);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+from .errors import ThermoscopeError
+
+EPILOG = """examples:
+  thermoscope analyze runs/my_run --store my_run.zarr          # one run (flat or Trainer layout)
+  thermoscope analyze sweeps/lr_sweep --store sweep.zarr --spectral
+  thermoscope analyze ckpts --store out.zarr --scheduler tcp://10.0.0.5:8786
+  thermoscope report my_run.zarr --out my_report                # -> my_report/index.html
+  thermoscope check runs/my_run                                 # validate inputs only
+  thermoscope demo data/demo                                    # generate the demo series
+
+exit codes: 0 ok, 1 check found bad files, 2 bad input, 3 internal error, 130 interrupted
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thermoscope", description="Thermodynamics of training, "
+                                "measured from checkpoint series.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json-log", action="store_true", help="progress and results as JSON lines on stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="measure a run or sweep folder into a Zarr store", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("path", help="run folder (checkpoints) or sweep folder (folder of run folders)")
+    a.add_argument("--store", required=True, help="output Zarr store (replaced atomically)")
+    a.add_argument("--params", default=None, help="params.yaml with measure/thermo/dask sections")
+    a.add_argument("--spectral", action="store_true", help="also SVD metrics (spectral entropy, stable rank)")
+    a.add_argument("--skip-bad", action="store_true", help="skip unreadable checkpoints, record why")
+    a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
+    a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
+    r = sub.add_parser("report", help="render the HTML report of a store", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("store")
+    r.add_argument("--out", required=True, help="report folder (index.html, metrics.json, plots/)")
+    c = sub.add_parser("check", help="validate every input file, compute nothing", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("path")
+    d = sub.add_parser("demo", help="generate the demo series (real training on digits)")
+    d.add_argument("root", nargs="?", default="data/demo")
+    return p
+
+
+def _analyze(args, progress) -> dict:
+    from .analyze import analyze
+    from .params import cluster_settings, load_params, measure_settings
+
+    params = load_params(args.params) if args.params else {}
+    measure = measure_settings(params)
+    if args.spectral:
+        measure = replace(measure, spectral=True)
+    cluster = cluster_settings(params)
+    cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
+                      n_workers=args.workers or cluster.n_workers)
+    skip = args.skip_bad or bool((params.get("checkpoints") or {}).get("skip_bad"))
+    store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
+                    skip_bad=skip, cache_dir=args.cache, progress=progress)
+    return {"store": str(store)}
+
+
+def _report(args, progress) -> dict:
+    from .report import render_report
+
+    return {"report": str(render_report(args.store, args.out))}
+
+
+def _check(args, progress) -> dict:
+    from .validate import check, format_table
+
+    rows = check(args.path)
+    if not args.json_log:
+        print(format_table(rows))
+    bad = sum(r["verdict"] != "ok" for r in rows)
+    return {"files": len(rows), "bad": bad, "exit": 1 if bad else 0}
+
+
+def _demo(args, progress) -> dict:
+    from .demo import make_demo
+
+    return {"demo": str(make_demo(args.root))}
+
+
+COMMANDS = {"analyze": _analyze, "report": _report, "check": _check, "demo": _demo}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .progress import progress_printer
+
+    progress = progress_printer("quiet" if args.quiet else "json" if args.json_log else "bar")
+    started = time.time()
+    try:
+        result = COMMANDS[args.command](args, progress)
+    except ThermoscopeError as exc:
+        return _fail(args, exc, 2)
+    except KeyboardInterrupt:
+        print("thermoscope: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
+        return _fail(args, exc, 3, internal=True)
+    result["seconds"] = round(time.time() - started, 3)
+    if args.json_log:
+        print(json.dumps({"event": "done", "command": args.command, **result}), file=sys.stderr)
+    elif not args.quiet and args.command != "check":
+        print(" ".join(f"{k}={v}" for k, v in result.items()))
+    return int(result.pop("exit", 0))
+
+
+def _fail(args, exc, code, internal=False) -> int:
+    if args.debug:
+        raise exc
+    what = f"internal error ({exc.__class__.__name__}): {exc}" if internal else str(exc)
+    if args.json_log:
+        print(json.dumps({"event": "error", "command": args.command, "message": what}), file=sys.stderr)
+    else:
+        print(f"thermoscope {args.command}: error: {what}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
