@@ -47,8 +47,9 @@ def step_from_name(filename: str) -> int | None:
 
 @dataclass
 class Problem:
-    """One reason a file, checkpoint or run cannot be used. ``scope``: "file" (that checkpoint
-    is dropped), "run" (cross-checkpoint or log problem of a run), "root" (nothing usable)."""
+    """One reason a file, checkpoint or run cannot be used. ``scope``: "file" (a checkpoint file
+    or folder, dropped; or a log/config file, ignored), "run" (a checkpoint that disagrees with
+    the rest of its run, or a run left without checkpoints), "root" (nothing usable at all)."""
 
     path: str
     reason: str
@@ -304,11 +305,11 @@ def _run_extras(run_dir: str, tensors: list[TensorInfo], out: Scan) -> tuple[Tra
     try:
         log = read_training_log(run_dir)
     except InputError as e:
-        out.problems.append(Problem(e.path, e.reason, e.tensor, scope="run"))
+        out.problems.append(Problem(e.path, e.reason, e.tensor))
     try:
         acts = read_activations(run_dir, tensors)
     except InputError as e:
-        out.problems.append(Problem(e.path, e.reason, e.tensor, scope="run"))
+        out.problems.append(Problem(e.path, e.reason, e.tensor))
     return log, acts
 
 

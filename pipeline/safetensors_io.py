@@ -190,7 +190,7 @@ def tensor_infos(path) -> list[TensorInfo]:
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_header(path: str, size: int, mtime_ns: int) -> Header:
+def _cached_header(path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int) -> Header:
     return load_header(path)
 
 
@@ -199,7 +199,7 @@ def _header_for_read(path: str) -> Header:
         st = os.stat(path)
     except OSError as e:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
-    return _cached_header(path, st.st_size, st.st_mtime_ns)
+    return _cached_header(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
@@ -207,7 +207,7 @@ def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
     scalar itself for 0-D, where start/stop are ignored) as a contiguous ``torch.float32`` tensor.
 
     Memory-mapped: only the requested bytes are read, then upcast once (F16/BF16/F8/F64 ->
-    F32; F32 is returned as read). The header is validated (cached per path, size and mtime).
+    F32; F32 is returned as read). The header is validated (cached per path, size, times and inode).
     Raises ``InputError`` for a bad file, an unknown tensor or an out-of-range row block.
     """
     path = os.fspath(path)
