@@ -74,7 +74,7 @@ def write_trainer(folder, steps, dtype=torch.float32, sharded: bool = False, see
     config.json in each checkpoint folder. Returns the checkpoint folders."""
     dirs = []
     steps = list(steps)
-    for k, s in enumerate(steps):
+    for s in steps:
         d = Path(folder) / f"checkpoint-{s}"
         tensors = model_tensors(s, dtype, seed, buffers)
         if sharded:
@@ -82,7 +82,7 @@ def write_trainer(folder, steps, dtype=torch.float32, sharded: bool = False, see
         else:
             write_file(d / "model.safetensors", tensors)
         if log:
-            (d / "trainer_state.json").write_text(json.dumps(trainer_state(steps[: k + 1])))
+            (d / "trainer_state.json").write_text(json.dumps(trainer_state(sorted(t for t in steps if t <= s))))
         if hidden_act is not None:
             (d / "config.json").write_text(json.dumps({"hidden_act": hidden_act}))
         dirs.append(str(d.resolve()))
