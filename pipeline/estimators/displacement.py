@@ -1,0 +1,266 @@
+"""Local temperature from checkpoint displacements (SCIENCE.md quantity 3).
+
+Measurement primitive (streaming stage): the squared-distance band
+``d2[t, k] = sum_i (theta_{t,i} - theta_{t-k,i})^2`` for lags ``k = 1..max_lag`` in checkpoint
+units, summed over one layer's coordinates (weight^2; additive over row blocks).
+
+Estimator (``diffusivity_from_band``), for the trailing window of ``window + 1`` checkpoints
+ending at each checkpoint:
+
+1. Rebuild the window's pairwise squared-distance matrix ``D2`` from the band.
+2. Linear detrending in time: with ``P`` the projector onto span{1, s} (s = checkpoint steps),
+   the detrended residual Gram matrix is ``R = -1/2 (I-P) D2 (I-P)`` (polarisation identity; the
+   constant and linear-in-time part of every coordinate -- the river drift, and the locally
+   linear relaxation of valley directions out of equilibrium -- is removed exactly).
+3. Model: each coordinate = a + v*s + Brownian motion with diffusivity D per step, so
+   ``E[R] = n D (I-P) K (I-P)`` with ``K_st = min(s_s, s_t)``. Per checkpoint lag k the
+   detrended pair distances summed over the pairs (a, a+k) of the window give an unbiased
+   ``D(tau_k)`` for Brownian motion + drift, tau_k = mean step difference of those pairs.
+4. Mean reversion in stiff (valley) directions makes ``D(tau)`` fall with tau. A generalised
+   least-squares line ``D(tau) = c0 + c1 tau`` through the first ``fit_lags`` lags, weighted by
+   the exact covariance of the per-lag estimates under the Brownian null, extrapolated to
+   ``tau = 0`` removes the leading remaining bias. (Detrending already cancels the first-order
+   mean-reversion term -kappa*s*t of the OU covariance, which is rank one in s.) That value,
+   D0, is the reported diffusivity.
+
+Units: D in weight^2 / parameter / step; T = D / (2 lr) in loss units (SCIENCE.md).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_CHUNK = 1 << 16  # elements reduced in fp32 before the fp64 accumulation
+
+# identifiability thresholds (see docs/methods/temperature.md for their calibration)
+MAX_RELATIVE_CORRECTION = 0.1  # |D0 - D(tau_1)| / D0 above this: spacing too coarse
+MIN_LAG_RATIO = 0.75  # D(tau_2) / D(tau_1) below this: MSD saturates between the first lags
+EVAL_LAG_STEPS = 0.0  # the D(tau) line is read at tau -> 0 (SCIENCE.md definition of D)
+
+
+def sq_distance_band(current: torch.Tensor, previous: list[torch.Tensor]) -> np.ndarray:
+    """Squared Euclidean distances between one block of values and earlier blocks.
+
+    Estimates nothing: the exact ``sum_i (current_i - previous[k-1]_i)^2`` for each k, in
+    weight^2. Elements are upcast to fp32 (bf16/fp16 exactly), differences squared and reduced
+    in fp32 over chunks of 65536 elements, chunk sums accumulated in float64 (no fp64 copy of
+    the block). Elements where either side is NaN/Inf are left out of the sum; count them with
+    ``(~torch.isfinite(x)).sum()`` in the caller.
+
+    ``previous[k-1]`` is the same block k checkpoints back; returns float64 array (len(previous),).
+    """
+    cur = current.reshape(-1).to(torch.float32)
+    cur_finite = torch.isfinite(cur)
+    out = np.empty(len(previous), dtype=np.float64)
+    for k, prev in enumerate(previous):
+        p = prev.reshape(-1).to(torch.float32)
+        if p.numel() != cur.numel():
+            raise ValueError(f"block sizes differ: {cur.numel()} vs {p.numel()} at lag {k + 1}")
+        total = 0.0
+        for start in range(0, cur.numel(), _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            diff = cur[sl] - p[sl]
+            ok = cur_finite[sl] & torch.isfinite(p[sl])
+            diff = torch.where(ok, diff, torch.zeros((), dtype=diff.dtype))
+            total += float(torch.sum(diff * diff).item())
+        out[k] = total
+    return out
+
+
+def rounding_noise_var(values: torch.Tensor) -> float:
+    """Mean variance per element of round-to-nearest quantisation of ``values``' storage dtype.
+
+    For a value x stored with p significand bits (bf16: 8, fp16: 11, fp32: 24) the rounding
+    error is ~uniform on +-ulp(x)/2, variance ulp(x)^2 / 12 with ulp(x) = 2^(floor(log2|x|)-p+1).
+    Returns the mean over finite non-zero elements in weight^2 (0 for float64). Assumes
+    independent rounding errors between checkpoints, valid when a coordinate moves by more than
+    an ulp between checkpoints; pass as ``white_noise_var`` to ``diffusivity_from_band``.
+    """
+    bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}.get(values.dtype)
+    if bits is None:
+        return 0.0
+    x = values.reshape(-1).to(torch.float32)
+    x = x[torch.isfinite(x) & (x != 0)]
+    if x.numel() == 0:
+        return 0.0
+    ulp = torch.exp2(torch.floor(torch.log2(x.abs())) - (bits - 1)).to(torch.float64)
+    return float((ulp * ulp).mean().item() / 12.0)
+
+
+@lru_cache(maxsize=256)
+def _window_design(rel_steps: tuple, fit_lags: int):
+    """Matrices that depend only on the window's relative steps (cached for even spacing)."""
+    s = np.asarray(rel_steps, dtype=np.float64)
+    m = s.size
+    basis, _ = np.linalg.qr(np.stack([np.ones(m), s - s.mean()], axis=1))
+    proj = np.eye(m) - basis @ basis.T  # I - P
+    brown = proj @ np.minimum.outer(s, s) @ proj  # detrended Brownian covariance, D = 1
+    lag_ops, taus = [], []
+    for k in range(1, fit_lags + 1):
+        a = np.arange(m - k)
+        e = np.zeros((m, m))
+        np.add.at(e, (a, a), 1.0)
+        np.add.at(e, (a + k, a + k), 1.0)
+        np.add.at(e, (a, a + k), -1.0)
+        np.add.at(e, (a + k, a), -1.0)
+        lag_ops.append(proj @ e @ proj)  # M_k: sum of detrended pair distances at lag k
+        taus.append(float(np.mean(s[a + k] - s[a])))
+    kmat = brown
+    den = np.array([np.trace(mk @ kmat) for mk in lag_ops])
+    white = np.array([np.trace(mk) for mk in lag_ops])  # white noise of variance 1 per coord
+    # covariance of the per-lag estimates under the Brownian null, n = 1, D = 1
+    mk_k = [mk @ kmat for mk in lag_ops]
+    cov = np.array([[2.0 * np.trace(a @ b) for b in mk_k] for a in mk_k]) / np.outer(den, den)
+    centred = s - s.mean()
+    slope_w = centred / np.dot(centred, centred)  # weights of the least-squares slope
+    slope_noise = float(slope_w @ np.minimum.outer(s, s) @ slope_w)
+    return proj, brown, lag_ops, np.array(taus), den, white, cov, slope_w, slope_noise
+
+
+def _window_d2(d2: np.ndarray, end: int, window: int) -> np.ndarray:
+    """Pairwise squared distances of checkpoints end-window..end from the band."""
+    m = window + 1
+    out = np.zeros((m, m))
+    for b in range(1, m):
+        lags = np.arange(1, b + 1)
+        out[b - lags, b] = d2[end - window + b, lags - 1]
+    return out + out.T
+
+
+def _gls_line_at(y: np.ndarray, tau: np.ndarray, cov: np.ndarray, tau_eval: float):
+    """GLS line y = c0 + c1 tau evaluated at tau_eval: value, variance, chi^2 / dof."""
+    if y.size == 1:
+        return y[0], cov[0, 0], 1.0
+    design = np.stack([np.ones_like(tau), tau], axis=1)
+    icov = np.linalg.inv(cov)
+    fisher = np.linalg.inv(design.T @ icov @ design)
+    coef = fisher @ design.T @ icov @ y
+    resid = y - design @ coef
+    dof = y.size - 2
+    chi2 = float(resid @ icov @ resid) / dof if dof > 0 else 1.0
+    at = np.array([1.0, tau_eval])
+    return float(at @ coef), float(at @ fisher @ at), chi2
+
+
+def _window_estimate(d2w, rel_steps, n_params, fit_lags, white_noise_var):
+    proj, brown, lag_ops, taus, den, white, cov, slope_w, slope_noise = _window_design(
+        rel_steps, fit_lags
+    )
+    resid_gram = -0.5 * proj @ d2w @ proj
+    num = np.array([np.sum(mk * resid_gram) for mk in lag_ops]) - n_params * white_noise_var * white
+    per_lag = num / (n_params * den)
+    d0, var0, chi2 = _gls_line_at(per_lag, taus, cov, EVAL_LAG_STEPS)
+    scale = max(abs(d0), abs(per_lag[0]))
+    err = np.sqrt(var0 / n_params) * scale * np.sqrt(max(1.0, chi2))
+    d_window = np.trace(resid_gram) / (n_params * np.trace(brown))
+    speed2 = (-0.5 * slope_w @ d2w @ slope_w) / n_params - d_window * slope_noise
+    ident = bool(
+        np.isfinite(d0)
+        and d0 > 0
+        and abs(d0 - per_lag[0]) <= MAX_RELATIVE_CORRECTION * d0
+        and (per_lag.size < 2 or per_lag[1] >= MIN_LAG_RATIO * per_lag[0])
+    )
+    return d0, err, ident, speed2
+
+
+def diffusivity_from_band(
+    steps: np.ndarray,
+    d2: np.ndarray,
+    n_params: int,
+    window: int,
+    fit_lags: int = 3,
+    white_noise_var: float = 0.0,
+) -> dict:
+    """Noise diffusivity D (weight^2 / parameter / step) of one layer from its distance band.
+
+    Assumes each coordinate moves as Brownian motion (diffusivity D per step, isotropic over
+    the layer's n_params coordinates) plus a drift that is linear in time within the window
+    (river), with mean reversion of valley directions slow compared with the checkpoint
+    spacing (first-order effect removed by extrapolating D(tau) to tau = 0). ``steps`` are the
+    checkpoints' training steps (any spacing), ``d2[t, k-1]`` the band (NaN before the series
+    has k checkpoints), ``window`` <= d2.shape[1] the number of intervals per trailing window,
+    ``fit_lags`` the lags used for the extrapolation, ``white_noise_var`` a known white
+    measurement noise per coordinate (weight^2, e.g. bf16 rounding, ``rounding_noise_var``).
+
+    Returns arrays over checkpoints (NaN / False where the window lacks history or values):
+    ``diffusivity`` D0; ``diffusivity_err`` its 1-sigma error (GLS under the Brownian null,
+    inflated by sqrt(chi^2/dof) of the fit); ``identifiable`` False when the extrapolation
+    corrects D(tau_1) by more than 10% or D(tau_2) < 0.75 D(tau_1) (spacing too coarse for the
+    stiffest directions carrying the noise); ``drift_speed2`` |v|^2 per parameter per step^2
+    of the window's fitted linear motion, minus the Brownian contribution to the fitted slope.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    d2 = np.asarray(d2, dtype=np.float64)
+    if d2.ndim != 2 or d2.shape[0] != steps.size:
+        raise ValueError(f"d2 must be (n_checkpoints, max_lag); got {d2.shape} for {steps.size} steps")
+    if not 1 <= window <= d2.shape[1]:
+        raise ValueError(f"window {window} must be in 1..max_lag={d2.shape[1]}")
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError("steps must be strictly increasing")
+    fit_lags = max(1, min(fit_lags, window))
+    n = steps.size
+    result = {
+        "diffusivity": np.full(n, np.nan),
+        "diffusivity_err": np.full(n, np.nan),
+        "identifiable": np.zeros(n, dtype=bool),
+        "drift_speed2": np.full(n, np.nan),
+    }
+    if n_params <= 0:
+        return result
+    for end in range(window, n):
+        d2w = _window_d2(d2, end, window)
+        if not np.all(np.isfinite(d2w)):
+            continue
+        rel = tuple(int(x) for x in steps[end - window : end + 1] - steps[end - window])
+        d0, err, ident, speed2 = _window_estimate(d2w, rel, n_params, fit_lags, white_noise_var)
+        result["diffusivity"][end] = d0
+        result["diffusivity_err"][end] = err
+        result["identifiable"][end] = ident
+        result["drift_speed2"][end] = speed2
+    return result
+
+
+def window_learning_rate(
+    steps: np.ndarray, log_steps: np.ndarray, log_lr: np.ndarray, window: int
+) -> np.ndarray:
+    """Mean learning rate over the steps covered by each trailing window (NaN without a log).
+
+    The LR log is read as piecewise constant from each logged step to the next; the mean is
+    over the training steps s_{j-window} < step <= s_j (the updates the window's displacements
+    contain). Used to turn a window's D into T = D / (2 <lr>).
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    out = np.full(steps.size, np.nan)
+    log_steps = np.asarray(log_steps, dtype=np.int64)
+    log_lr = np.asarray(log_lr, dtype=np.float64)
+    ok = np.isfinite(log_lr)
+    log_steps, log_lr = log_steps[ok], log_lr[ok]
+    if log_steps.size == 0:
+        return out
+    order = np.argsort(log_steps)
+    log_steps, log_lr = log_steps[order], log_lr[order]
+    for end in range(window, steps.size):
+        grid = np.arange(steps[end - window] + 1, steps[end] + 1)
+        idx = np.searchsorted(log_steps, grid, side="right") - 1
+        out[end] = np.mean(log_lr[np.clip(idx, 0, None)])
+    return out
+
+
+def temperature_from_diffusivity(diffusivity, diffusivity_err, learning_rate):
+    """Temperature T = D / (2 lr) and its error, in loss units (Einstein relation, SCIENCE.md).
+
+    Assumes the update theta -= lr * (grad + noise), so D = lr^2 sigma^2 = 2 lr T. For a window
+    pass the window's mean LR (``window_learning_rate``). NaN where lr is unknown, <= 0 or
+    non-finite: without a learning rate only D is reported.
+    """
+    d = np.asarray(diffusivity, dtype=np.float64)
+    e = np.asarray(diffusivity_err, dtype=np.float64)
+    lr = np.broadcast_to(np.asarray(learning_rate, dtype=np.float64), np.broadcast(d, e).shape)
+    good = np.isfinite(lr) & (lr > 0)
+    safe = np.where(good, lr, 1.0)
+    temp = np.where(good, d / (2.0 * safe), np.nan)
+    temp_err = np.where(good, e / (2.0 * safe), np.nan)
+    return temp, temp_err
