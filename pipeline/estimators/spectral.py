@@ -1,0 +1,91 @@
+"""Spectral (matrix) entropy and stable rank of a weight matrix, WeightWatcher conventions.
+
+SCIENCE.md quantity 2. Both are dimensionless. The formulas follow WeightWatcher
+(CalculatedContent/WeightWatcher, weightwatcher/RMT_Util.py `matrix_rank`, `matrix_entropy`,
+`stable_rank`; weightwatcher.py `apply_norm_metrics`), so values can be cross-checked against
+that tool on the same matrix. See docs/methods/spectral.md.
+
+A matrix with more than two dimensions is flattened to (shape[0], -1) (WeightWatcher instead
+splits Conv2D kernels into per-position slices; our reading is the whole-tensor matrix).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """The 2-D view used for spectra: (shape[0], prod(shape[1:])); 1-D and 0-D are rejected."""
+    if tensor.dim() < 2:
+        raise ValueError(f"spectral metrics need a tensor with >= 2 dims, got shape {tuple(tensor.shape)}")
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def spectral_metrics(singular_values: torch.Tensor, n_rows: int, n_cols: int) -> tuple[float, float]:
+    """(spectral_entropy, stable_rank) of a matrix from its singular values s_i (dimensionless).
+
+    WeightWatcher conventions, with eigenvalues lambda_i = s_i^2 of W^T W and N = max(n_rows,
+    n_cols):
+      rank           = #{s_i > tol}, tol = max(s) * N * eps(dtype of s)   (numpy matrix_rank)
+      p_i            = s_i^2 / sum_j s_j^2
+      spectral_entropy = -sum_i p_i ln p_i / ln(rank)     (rank == 1 -> ln(1.000001), as WW)
+      stable_rank    = sum_i lambda_i / max_i lambda_i = ||W||_F^2 / ||W||_2^2
+    One deviation: terms with p_i == 0 (exact zeros, e.g. clamped Gram eigenvalues) count as
+    0 (the limit of p ln p) where WW's numpy would give NaN.
+    spectral_entropy is 1 for equal singular values and -> 0 as one direction dominates.
+    An all-zero or empty spectrum, or non-finite singular values, give (NaN, NaN).
+    """
+    s = singular_values.detach().reshape(-1).to(torch.float64)
+    if s.numel() == 0 or not bool(torch.isfinite(s).all()) or not float(s.max()) > 0:
+        return float("nan"), float("nan")
+    n_big = max(int(n_rows), int(n_cols))
+    dtype = singular_values.dtype if singular_values.is_floating_point() else torch.float64
+    tol = float(s.max()) * n_big * torch.finfo(dtype).eps
+    rank = int((s > tol).sum())
+    evals = s * s
+    p = evals / evals.sum()
+    p = p[p > 0]
+    entropy = float(-(p * torch.log(p)).sum()) / math.log(rank if rank > 1 else 1.000001)
+    stable_rank = float(evals.sum() / evals.max())
+    return entropy, stable_rank
+
+
+def gram_update(gram: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+    """gram + B^T B in float64 for a block B of rows of a matrix (start with gram=None).
+
+    Summed over all row blocks this is W^T W (n_cols x n_cols), from which the singular values
+    follow without holding W. A >2-D block is reshaped to (shape[0], -1), i.e. its leading
+    dimension is the row dimension. Memory: 8 * n_cols^2 bytes.
+    """
+    b = as_matrix(block).to(torch.float64)
+    update = b.T @ b
+    return update if gram is None else gram + update
+
+
+def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Singular values of W (descending, float64, length n_cols) from G = W^T W.
+
+    s_i = sqrt(max(lambda_i, 0)) with lambda_i = eigvalsh(G). Eigenvalues below the solver's
+    noise floor, n_cols * eps * max(lambda) (backward error of a symmetric eigensolver), are
+    set to 0: their square roots, up to sqrt(n_cols * eps) * max(s) ~ 1e-7 max(s), would
+    otherwise look like real singular values to the rank count. Singular values of W below
+    ~sqrt(n_cols * eps) * max(s) therefore cannot be resolved on this path (use
+    `singular_values` on the matrix when they matter). When n_cols > n_rows the extra
+    n_cols - n_rows values are (numerically) 0; they do not change the metrics.
+    """
+    g = gram.to(torch.float64)
+    g = (g + g.T) / 2
+    evals = torch.linalg.eigvalsh(g)
+    floor = g.shape[0] * _EPS64 * float(evals.max().clamp(min=0))
+    evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
+    return torch.sqrt(evals).flip(0)
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) of a tensor viewed as (shape[0], -1), via
+    torch.linalg.svdvals in float64. For matrices that fit in memory."""
+    return torch.linalg.svdvals(as_matrix(matrix).to(torch.float64))
