@@ -182,8 +182,9 @@ def relaxation_rate(steps, loss, change_step):
     """Rate r (per step) of loss(t) = L_inf + A exp(-r (t - t0)) after an LR change at t0.
 
     Nonlinear least squares on the points with step >= change_step; returns (r, r_err), r_err
-    the standard error from the fit covariance ((NaN, NaN) with < 4 points or no
-    convergence). Liu et al. (seed 001): the thermal loss of a valley of curvature a relaxes
+    the white-noise standard error from the fit covariance (it understates the error when
+    the residuals are autocorrelated, as one run's loss is); (NaN, NaN) with < 4 points or
+    no convergence. Liu et al. (seed 001): the thermal loss of a valley of curvature a relaxes
     at r ~ 2 lr a after the change (exactly -2 ln|1 - lr a| per SGD step), so a = r / (2 lr).
     """
     t = np.asarray(steps, dtype=float) - float(change_step)
