@@ -39,7 +39,7 @@ def axis_label(da: xr.DataArray, fallback: str | None = None) -> str:
 def figure_to_data_uri(fig) -> str:
     """Encode a figure as a base64 PNG ``data:`` URI and close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -49,7 +49,7 @@ def lr_phases(step: np.ndarray, lr: np.ndarray) -> list[tuple[float, float, str]
 
     Each interval between consecutive logged steps is classed ``warmup`` (LR rises),
     ``constant`` or ``decay`` (LR falls); a change counts when it exceeds 2 % of the
-    median nonzero change (and 1e-9 of the peak LR), so smooth schedules are not split by
+    median nonzero change (and 1e-6 of the peak LR), so smooth schedules are not split by
     rounding. Consecutive intervals of one class form a segment. NaN LRs are dropped;
     fewer than two finite points give no segments.
     """
@@ -60,7 +60,7 @@ def lr_phases(step: np.ndarray, lr: np.ndarray) -> list[tuple[float, float, str]
         return []
     d = np.diff(lr)
     moving = np.abs(d[np.abs(d) > 0])
-    tol = max(1e-9 * np.max(np.abs(lr)), 0.02 * np.median(moving) if len(moving) else 0.0)
+    tol = max(1e-6 * np.max(np.abs(lr)), 0.02 * np.median(moving) if len(moving) else 0.0)
     cls = np.where(d > tol, "warmup", np.where(d < -tol, "decay", "constant"))
     segments, start = [], 0
     for i in range(1, len(cls) + 1):
@@ -148,7 +148,8 @@ def layer_step_map(ds: xr.Dataset, var: str, log: bool, title: str, cmap: str = 
     mask = ~np.isfinite(values) | ((values <= 0) if log else False)
     names = [str(x) for x in da["layer"].values]
     n_layers, n_x = values.shape
-    fig, ax = plt.subplots(figsize=(11, float(np.clip(2.2 + 0.16 * n_layers, 3.2, 14))))
+    height = float(np.clip(2.2 + 0.16 * n_layers, 3.2, 14))
+    fig, ax = plt.subplots(figsize=(11, height), layout="constrained")
     ax.set_facecolor("#b0b0b0")
     norm = LogNorm(*rng) if log else Normalize(*rng)
     sns.heatmap(values, mask=mask, norm=norm, cmap=cmap, ax=ax, xticklabels=False,
@@ -200,7 +201,7 @@ def global_curves(runs: dict[str, xr.Dataset]):
     if not any(v in ds.variables and np.isfinite(ds[v].values.astype(float)).any()
                for ds in runs.values() for v in panels):
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 7.5), sharex=True)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 7.5), sharex=True, layout="constrained")
     colours = sns.color_palette("viridis", max(len(runs), 1))
     for ax, var in zip(axes, panels):
         label, positive, drawn = var.replace("_", " "), True, False
@@ -251,7 +252,7 @@ def efficiency_bars(ds: xr.Dataset, run: str):
     names = [str(x) for x in ds["layer"].values[order]]
     engine = (np.asarray(ds["engine_type"].values).astype(str)[order] if "engine_type" in ds
               else np.full(len(order), "unknown"))
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(11, 3.8), layout="constrained")
     x = np.arange(len(order))
     kinds = list(dict.fromkeys(engine))
     for kind, colour in zip(kinds, ENGINE_PALETTE * (len(kinds) // 4 + 1)):
@@ -282,7 +283,7 @@ def work_heat_bars(ds: xr.Dataset, run: str):
     if not sums or not any(np.isfinite(v).any() for v, _ in sums.values()):
         return None
     names = [str(x) for x in ds["layer"].values[order]]
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(11, 3.8), layout="constrained")
     x = np.arange(len(order))
     width = 0.8 / len(sums)
     for i, (var, (vals, _)) in enumerate(sums.items()):
@@ -306,7 +307,7 @@ def sweep_power_law(sweep: xr.Dataset):
     ok = np.isfinite(lr) & np.isfinite(temp) & (lr > 0) & (temp > 0)
     if not ok.any():
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     ax.scatter(lr[ok], temp[ok], s=40, color="#c44e52", zorder=3, label="runs")
     dim = sweep["temperature"].dims[0] if sweep["temperature"].dims else None
     if dim is not None and dim in sweep.coords:
@@ -332,7 +333,7 @@ def free_energy_points(u: xr.DataArray, s: xr.DataArray, labels: list[str]):
     ok = np.isfinite(uv) & np.isfinite(sv)
     if not ok.any():
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     ax.plot(sv[ok], uv[ok], color="0.6", lw=0.8, zorder=1)
     ax.scatter(sv[ok], uv[ok], s=40, color="#4c72b0", zorder=3)
     for name, xv, yv in zip(np.asarray(labels, dtype=object)[ok], sv[ok], uv[ok]):

@@ -179,7 +179,8 @@ def build_store(
     peak_lrs = [0.02 * 2**i for i in range(n_runs)]
     runs = {}
     for i, lr in enumerate(peak_lrs):
-        ds = run_dataset(rng, lr, n_steps, n_layers)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ds = run_dataset(rng, lr, n_steps, n_layers)
         if nonfinite_at is not None and i == 0:
             ds["nonfinite_count"][nonfinite_at] = 7
         runs[f"lr_{lr:g}"] = ds
@@ -189,8 +190,9 @@ def build_store(
     for name, ds in runs.items():
         ds = ds.drop_vars([v for v in drop if v in ds.variables])
         for v in all_nan:
-            if v in ds:
-                ds[v] = ds[v].astype(float) * np.nan
+            if v in ds.variables:
+                nan = ds[v].astype(float) * np.nan
+                ds = ds.assign_coords({v: nan}) if v in ds.coords else ds.assign({v: nan})
         nodes[name] = ds
     root = xr.Dataset(attrs={
         "thermoscope_version": "0.1.0",
