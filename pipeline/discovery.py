@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import InputError
 from pipeline.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
 from pipeline.safetensors_io import Header, is_float_dtype, load_header
-from pipeline.training_log import find_log_files, read_activations, read_training_log
+from pipeline.training_log import config_path, find_log_files, read_activations, read_training_log
 
 INDEX_NAME = "model.safetensors.index.json"
 _TRAINER_DIR = re.compile(r"^checkpoint[-_](.*)$")
@@ -80,7 +80,7 @@ class Scan:
     root: str
     runs: list[Run] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # file looked at -> what it is / was used for
     ignored: list[tuple[str, str]] = field(default_factory=list)
     run_dirs: list[str] = field(default_factory=list)
 
@@ -225,10 +225,10 @@ def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
     for label, fn, arg in jobs:
         try:
             ck, files = fn(arg)
-            out.files.extend(files)
+            out.files.update({f: f"checkpoint step {ck.step}" for f in files})
             found.append(ck)
         except InputError as e:
-            out.files.extend(_folder_files(label) if os.path.isdir(label) else [label])
+            out.files.update(dict.fromkeys(_folder_files(label) if os.path.isdir(label) else [label], "checkpoint"))
             out.problems.append(Problem(e.path, e.reason, e.tensor))
     return _drop_duplicate_steps(found, out)
 
@@ -298,16 +298,16 @@ def _consistent(cks: list[_Ckpt], out: Scan) -> list[_Ckpt]:
 
 def _run_extras(run_dir: str, tensors: list[TensorInfo], out: Scan) -> tuple[TrainingLog, dict]:
     explicit, others = find_log_files(run_dir)
-    out.files.extend(explicit + others)
-    cfg = os.path.join(run_dir, "config.json")
-    out.files.extend([cfg] if os.path.isfile(cfg) else [])
     log, acts = TrainingLog(), {}
     try:
         log = read_training_log(run_dir)
     except InputError as e:
         out.problems.append(Problem(e.path, e.reason, e.tensor))
+    for f in explicit + others:
+        out.files[f] = "training log" if f in (log.source, *explicit[:1]) else "not used as the training log"
     try:
         acts = read_activations(run_dir, tensors)
+        out.files.update({p: "activations config" for p in [config_path(run_dir)] if p})
     except InputError as e:
         out.problems.append(Problem(e.path, e.reason, e.tensor))
     return log, acts

@@ -197,6 +197,11 @@ def _matches(name: str, key: str) -> bool:
     return name == key or name.startswith(key if key.endswith(".") else key + ".")
 
 
+def config_path(run_dir) -> str | None:
+    """The run's config.json: the run folder's own, else the latest checkpoint folder's."""
+    return _first_existing(os.path.abspath(os.fspath(run_dir)), "config.json")
+
+
 def _hf_activation(cfg: dict) -> str | None:
     for scope in (cfg, cfg.get("text_config")):
         if isinstance(scope, dict):
@@ -214,7 +219,7 @@ def read_activations(run_dir, tensor_names) -> dict[str, str]:
     dimensions. ``tensor_names`` holds names or ``TensorInfo``; for bare names the dimension is
     unknown, so the HF default applies to names ending in ``weight``. Uncovered tensors are absent.
     """
-    path = _first_existing(os.path.abspath(os.fspath(run_dir)), "config.json")
+    path = config_path(run_dir)
     if path is None:
         return {}
     cfg = _load_json(path)

@@ -22,7 +22,8 @@ def _folder_rows(s, problems: list[Problem]) -> list[dict]:
     for d in s.run_dirs:
         mine = [p for p in problems if p.path == d or p.path.startswith(d + os.sep)]
         if mine:
-            rows += [_row(d, "error", f"{p.path}: {p.text()}" if p.path != d else p.text()) for p in mine]
+            rows += [_row(d, "error", f"{os.path.relpath(p.path, d)}: {p.text()}" if p.path != d else p.text())
+                     for p in mine]
         elif d in runs:
             r = runs[d]
             rows.append(_row(d, "ok", f"run '{r.name}': {len(r.checkpoints)} checkpoints "
@@ -41,9 +42,9 @@ def check(path) -> list[dict]:
         if p.scope == "file":
             by_path.setdefault(p.path, []).append(p.text())
     rows = []
-    for f in dict.fromkeys(s.files):
+    for f, what in s.files.items():
         errs = by_path.pop(f, [])
-        rows.append(_row(f, "error", "; ".join(errs)) if errs else _row(f, "ok", "header valid"))
+        rows.append(_row(f, "error", "; ".join(errs)) if errs else _row(f, "ok", what))
     rows += [_row(p, "error", "; ".join(errs)) for p, errs in by_path.items()]
     rows += [_row(p, "ok", reason) for p, reason in s.ignored]
     rows += _folder_rows(s, [p for p in s.problems if p.scope == "run"])
