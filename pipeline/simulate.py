@@ -255,9 +255,9 @@ def simulate_linear_regression_sgd(
     w = np.zeros(n_features)
 
     def sgd(w, k):
-        for _ in range(k):
-            idx = rng.integers(0, n_samples, batch_size)
-            w = w - learning_rate * x[idx].T @ (x[idx] @ w - y[idx]) / batch_size
+        for idx in rng.integers(0, n_samples, (k, batch_size)):
+            xb = x[idx]
+            w = w - (learning_rate / batch_size) * ((xb @ w - y[idx]) @ xb)
         return w
 
     w = sgd(w, burn_in)
