@@ -193,7 +193,7 @@ def test_first_law_noisy_quadratic_lr_drop():
 
 
 def test_first_law_heating_is_positive():
-    _, heat = first_law_split(np.zeros(3), np.array([1e-4, 1e-4, 4e-4]) ** 1, np.array([0.01, 0.01, 0.02]),
+    _, heat = first_law_split(np.zeros(3), np.array([1e-4, 1e-4, 4e-4]), np.array([0.01, 0.01, 0.02]),
                               np.ones(3), 10)
     assert np.isnan(heat[0]) and heat[1] == 0 and heat[2] == pytest.approx(5 * (0.01 - 0.005))
 
