@@ -103,6 +103,11 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
         "window_start": ("window", steps[np.arange(n_windows) * w]),
         "window_end": ("window", steps[np.arange(n_windows) * w + w - 1]),
     }
+    per_step["log_loss"] = ("log_step", np.asarray(run.log.loss, dtype=np.float64))
+    per_step["log_learning_rate"] = ("log_step", np.asarray(run.log.learning_rate, dtype=np.float64))
+    coords["log_step"] = np.asarray(run.log.step, dtype=np.int64)
+    coords["fan_in"] = ("layer", np.array([t.n_params // max(t.shape[0], 1) if t.shape else 1
+                                           for t in run.tensors]))
     ds = xr.Dataset(per_step, coords=coords)
     ds.attrs.update(run=run.name, path=run.path, log_source=run.log.source or "none")
     return annotate(ds)

@@ -19,7 +19,6 @@ import torch
 from .estimators.displacement import sq_distance_band
 from .estimators.ensemble import ensemble_init, ensemble_log_var_sum, ensemble_update
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
-from .estimators.spectral import singular_values, spectral_metrics
 from .manifest import TensorInfo
 from .safetensors_io import read_rows
 
@@ -87,6 +86,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     """
     device = resolve_device(settings.device)
     first, read_from = task.resume_from, task.read_from(settings)
+    first_window = (first // settings.ensemble_window) * settings.ensemble_window
     n_out = len(task.files) - first
     n_block = (task.stop - task.start) * _row_elems(task.tensor)
     share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
@@ -114,14 +114,15 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
                 band = sq_distance_band(flat, list(reversed(previous)))
                 out["sq_distance"][j, : len(band)] = band
             if spectral and bool(finite.all()):
-                matrix = block.reshape(block.shape[0], -1)
-                out["spectral"][j] = spectral_metrics(singular_values(matrix), *matrix.shape)
+                out["spectral"][j] = _spectral(block)
         previous.append(flat)
-        if i % settings.ensemble_window == 0:
+        if i % settings.ensemble_window == 0 and i >= first_window:
             ens = ensemble_init(flat.numel())
-        ens = ensemble_update(ens, clean, float(task.steps[i]))
-        if (i + 1) % settings.ensemble_window == 0:
-            windows.append(ensemble_log_var_sum(ens))
+        if ens is not None:
+            ens = ensemble_update(ens, clean, float(task.steps[i]))
+            if (i + 1) % settings.ensemble_window == 0:
+                windows.append(ensemble_log_var_sum(ens))
+                ens = None
     out["ensemble_log_var"] = np.asarray(windows, dtype=np.float64)
     return out
 
@@ -133,6 +134,14 @@ def _step_statistics(out: dict, j: int, flat, finite, clean, pick) -> None:
     out["sum"][j] = float(clean.sum(dtype=torch.float64))
     out["sumsq"][j] = float(clean.square().sum(dtype=torch.float64))
     out["sample"][j] = flat[pick].cpu().numpy()
+
+
+def _spectral(block: torch.Tensor) -> tuple[float, float]:
+    """(spectral entropy, stable rank) of a whole 2-D+ weight (flattened to rows x rest)."""
+    from .estimators.spectral import singular_values, spectral_metrics  # optional SVD path
+
+    matrix = block.reshape(block.shape[0], -1)
+    return spectral_metrics(singular_values(matrix), *matrix.shape)
 
 
 def resolve_device(device: str) -> str:

@@ -29,6 +29,8 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "ensemble_log_var": ("ln(weight^2)", "sum over coordinates of ln Var of detrended values in the window", "ensemble.ensemble_log_var_sum"),
     "spectral_entropy": ("1", "spectral entropy normalised by ln(rank) (WeightWatcher)", "spectral.spectral_metrics"),
     "stable_rank": ("1", "stable rank sum(s^2)/max(s^2) (WeightWatcher)", "spectral.spectral_metrics"),
+    "log_loss": ("loss", "training loss from the run's log", "log"),
+    "log_learning_rate": ("weight^2/loss", "learning rate from the run's log", "log"),
 }
 
 

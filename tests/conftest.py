@@ -1,0 +1,17 @@
+"""Shared fixtures: one real local Dask cluster for the session (workers are processes)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real 2-worker LocalCluster; tests join it by address like an existing cluster."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster:
+        yield cluster
