@@ -76,14 +76,24 @@ def _digits_arrays(test_fraction: float = 0.25, split_seed: int = 0):
     return arrays
 
 
-def digits_dataset() -> DigitsData:
+def digits_dataset(label_noise: float = 0.0) -> DigitsData:
     """scikit-learn's 8x8 digits (1797 samples, 10 classes), stratified 75/25 split (fixed
     seed 0), each pixel standardized with the training mean and std (constant pixels: std 1).
-    Returns fresh tensors each call (the caller may modify them)."""
+
+    ``label_noise`` > 0 replaces round(label_noise * n_train) training labels, chosen with a
+    fixed seed (the same for every run), by a different class drawn uniformly; the test
+    labels stay clean. Returns fresh tensors each call (the caller may modify them)."""
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
     x_tr, y_tr, x_te, y_te = _digits_arrays()
+    y_train = torch.tensor(y_tr, dtype=torch.int64)
+    if label_noise > 0:
+        gen = torch.Generator().manual_seed(12345)
+        flip = torch.randperm(len(y_train), generator=gen)[: round(label_noise * len(y_train))]
+        y_train[flip] = (y_train[flip] + torch.randint(1, 10, (len(flip),), generator=gen)) % 10
     return DigitsData(
         torch.tensor(x_tr, dtype=torch.float32),
-        torch.tensor(y_tr, dtype=torch.int64),
+        y_train,
         torch.tensor(x_te, dtype=torch.float32),
         torch.tensor(y_te, dtype=torch.int64),
     )
@@ -237,22 +247,25 @@ def _check_run_args(out_dir: Path, n_steps, checkpoint_every, batch_size, dtype,
 
 def train_digits_run(out_dir, lr_schedule: Callable[[int], float], n_steps: int, checkpoint_every: int,
                      batch_size: int = 32, seed: int = 0, hidden=(64, 32), activations=("tanh", "relu"),
-                     dtype: str = "F32") -> Path:
+                     dtype: str = "F32", label_noise: float = 0.0) -> Path:
     """Train ``DigitsMLP`` with plain minibatch SGD (no momentum, no weight decay) on the
     standardized digits training split and save a Trainer-layout series under ``out_dir``.
 
     The update from step s to s+1 uses ``lr_schedule(s)``; the log entry at step t records
     ``learning_rate = lr_schedule(t)`` (the rate of the next update, as the HF Trainer logs
     it) and ``loss`` = full-batch training cross-entropy (nats/sample) of the weights saved at
-    t, plus ``eval_loss``/``eval_accuracy`` on the test split. Checkpoints at step 0, every
+    t (on the training labels SGD sees, noisy ones included when ``label_noise`` > 0, see
+    ``digits_dataset``), plus ``eval_loss``/``eval_accuracy`` on the clean test split. Checkpoints at step 0, every
     ``checkpoint_every`` steps and at ``n_steps``. Training is fp32 on one thread; tensors are
     cast to ``dtype`` (safetensors code) when saved. Same arguments -> identical files.
     """
     out_dir = Path(out_dir)
-    data = digits_dataset()
+    if not 0.0 <= label_noise < 1.0:
+        raise InputError(out_dir, f"label_noise {label_noise} must be in [0, 1)")
+    data = digits_dataset(label_noise)
     _check_run_args(out_dir, n_steps, checkpoint_every, batch_size, dtype, len(data.y_train))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", _run_config(hidden, activations, dtype))
+    _write_json(out_dir / "config.json", _run_config(hidden, activations, dtype, label_noise))
     with _deterministic(seed):
         model = DigitsMLP(hidden, activations)
         batches = _batches(len(data.y_train), batch_size, torch.Generator().manual_seed(seed))
@@ -283,7 +296,7 @@ def _sgd_step(model: nn.Module, data: DigitsData, idx: torch.Tensor, lr: float) 
             p.add_(p.grad, alpha=-lr)
 
 
-def _run_config(hidden, activations, dtype: str) -> dict:
+def _run_config(hidden, activations, dtype: str, label_noise: float) -> dict:
     uniform = len(set(activations)) == 1
     return {
         "model_type": "thermoscope-digits-mlp",
@@ -296,6 +309,7 @@ def _run_config(hidden, activations, dtype: str) -> dict:
         "hidden_act": activations[0] if uniform else list(activations),
         "thermoscope_activations": activation_map(activations),
         "torch_dtype": str(_DTYPES[dtype]).removeprefix("torch."),
+        "thermoscope_label_noise": label_noise,
     }
 
 
@@ -314,6 +328,9 @@ class DemoSettings:
     dtype: str = "F32"
     schedule_peak: float = 0.1
     sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3)
+    # 20% wrong training labels keep the loss (and the gradient noise) away from zero, so
+    # constant-LR runs stay at a temperature that grows with LR (see docs/methods/demo.md).
+    label_noise: float = 0.2
     format: int = DEMO_FORMAT
 
     def runs(self) -> dict[str, Callable[[int], float]]:
@@ -374,7 +391,7 @@ def make_demo(root, quick: bool = False) -> Path:
         for name, schedule in settings.runs().items():
             train_digits_run(tmp / name, schedule, settings.n_steps, settings.checkpoint_every,
                              settings.batch_size, settings.seed, settings.hidden,
-                             settings.activations, settings.dtype)
+                             settings.activations, settings.dtype, settings.label_noise)
         _write_json(tmp / MARKER, settings.to_json())
         _swap_into_place(tmp, root)
     except BaseException:
