@@ -111,11 +111,12 @@ def work_efficiency(activation: str, scale: float) -> float:
 
     Args:
         activation: name (case-insensitive), one of ACTIVATIONS; else ValueError listing them.
-        scale: pre-activation standard deviation s > 0 (finite).
+        scale: pre-activation standard deviation s. NaN is returned unless 0 < s < inf
+            (s = 0, e.g. a zero-initialised weight, makes the ratio 0/0).
     """
     _activation(activation)
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0, got {scale}")
+        return float("nan")
     return _cached_efficiency(activation.strip().lower(), float(scale))
 
 
@@ -141,7 +142,7 @@ def engine_type(activation: str) -> str:
     return "scale-free" if max(etas) - min(etas) <= ENGINE_TOLERANCE else "scale-dependent"
 
 
-def preactivation_scale(weight_rms: float, fan_in: int, input_rms: float = 1.0) -> float:
+def preactivation_scale(weight_rms, fan_in, input_rms=1.0):
     """Pre-activation standard deviation s = weight_rms * sqrt(fan_in) * input_rms.
 
     Assumption: z = sum_{j=1}^{fan_in} w_j x_j with weights independent of the inputs and of
@@ -150,10 +151,16 @@ def preactivation_scale(weight_rms: float, fan_in: int, input_rms: float = 1.0) 
     Without data, input_rms = 1 (the normalised-input convention of variance-preserving
     initialisation). Biases and correlations between weights and inputs (which training
     creates) are ignored. Units: the unit of the pre-activation (input units x weight units).
+
+    numpy-vectorised (arguments broadcast; scalars give a float). NaN where weight_rms < 0,
+    input_rms < 0, fan_in < 1 or an input is not finite.
     """
-    if weight_rms < 0 or input_rms < 0 or fan_in < 1:
-        raise ValueError(f"need weight_rms >= 0, input_rms >= 0, fan_in >= 1; got {weight_rms}, {input_rms}, {fan_in}")
-    return float(weight_rms) * math.sqrt(fan_in) * float(input_rms)
+    w = np.asarray(weight_rms, dtype=np.float64)
+    n = np.asarray(fan_in, dtype=np.float64)
+    x = np.asarray(input_rms, dtype=np.float64)
+    ok = np.isfinite(w) & np.isfinite(n) & np.isfinite(x) & (w >= 0) & (x >= 0) & (n >= 1)
+    out = np.where(ok, w * np.sqrt(np.where(ok, n, 1.0)) * x, np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def carnot_efficiency(t_cold, t_hot):
