@@ -219,9 +219,11 @@ def global_curves(runs: dict[str, xr.Dataset]):
         if not drawn:
             ax.text(0.5, 0.5, "not available", transform=ax.transAxes, ha="center", color="0.4")
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=7, ncol=min(len(runs), 5))
+    handles, _ = max(axes, key=lambda a: len(a.lines)).get_legend_handles_labels()
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", fontsize=7, ncol=min(len(runs), 6))
     axes[-1].set_xlabel("step")
-    axes[0].set_title("Global temperature [loss units], loss and learning rate vs step")
+    fig.suptitle("Global temperature [loss units], loss and learning rate vs step")
     return fig
 
 
@@ -294,7 +296,7 @@ def work_heat_bars(ds: xr.Dataset, run: str):
     units = next(iter(sums.values()))[1] or "loss"
     ax.set_ylabel(f"sum over steps [{units}]")
     ax.set_title(f"First law per layer: total work and heat [{units}] — {run}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
@@ -323,7 +325,7 @@ def sweep_power_law(sweep: xr.Dataset):
     ax.set_xlabel(axis_label(sweep["lr"], "learning rate"))
     ax.set_ylabel(axis_label(sweep["temperature"], "temperature"))
     ax.set_title("Temperature vs learning rate across the sweep (log-log) [loss units]")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return fig
 
 
