@@ -79,7 +79,7 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     names = [t.name for t in run.tensors]
     per_step = {}
     for var in ("weight_mean", "weight_rms", "weight_entropy", "gaussian_entropy",
-                "non_gaussianity", "nonfinite_count", "spectral_entropy", "stable_rank"):
+                "non_gaussianity", "nonfinite_count", "rounding_noise_var", "spectral_entropy", "stable_rank"):
         if all(var in layers[n] for n in names) and var in layers[names[0]]:
             per_step[var] = (("step", "layer"), np.stack([layers[n][var] for n in names], axis=1))
     band = np.stack([layers[n]["sq_distance"] for n in names], axis=1)

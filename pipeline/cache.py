@@ -19,11 +19,6 @@ import numpy as np
 from .manifest import Checkpoint, Run, TensorInfo
 from .measure import MeasureSettings
 
-PER_STEP = ("weight_mean", "weight_rms", "weight_entropy", "gaussian_entropy", "non_gaussianity",
-            "nonfinite_count", "sq_distance", "spectral_entropy", "stable_rank")
-PER_WINDOW = ("ensemble_log_var",)
-
-
 def checkpoint_identity(checkpoint: Checkpoint, tensor: str) -> str:
     """Header hash plus size and mtime of the file holding ``tensor`` (cheap stat, no data read)."""
     st = os.stat(checkpoint.files[tensor])

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .estimators.displacement import sq_distance_band
+from .estimators.displacement import rounding_noise_var, sq_distance_band
 from .estimators.ensemble import ensemble_init, ensemble_log_var_sum, ensemble_update
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
 from .manifest import TensorInfo
 from .safetensors_io import read_rows
+
+
+# storage dtypes whose rounding noise matters for displacements (exact round trip from fp32)
+STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
                 windows.append(ensemble_log_var_sum(ens))
                 ens = None
     out["ensemble_log_var"] = np.asarray(windows, dtype=np.float64)
+    out["dtype"] = task.tensor.dtype
     return out
 
 
@@ -159,6 +164,8 @@ def finalize_layer(blocks: list[dict]) -> dict:
     var = np.maximum(total["sumsq"] / count - mean**2, 0.0)
     sample = np.concatenate([b["sample"] for b in blocks], axis=1)
     entropy = np.array([differential_entropy(torch.from_numpy(row)) for row in sample])
+    storage = STORAGE_DTYPES.get(blocks[0]["dtype"], torch.float64)
+    rounding = np.array([rounding_noise_var(torch.from_numpy(row).to(storage)) for row in sample])
     gauss = gaussian_entropy(np.where(var > 0, var, np.nan))
     result = {
         "weight_mean": mean,
@@ -167,6 +174,7 @@ def finalize_layer(blocks: list[dict]) -> dict:
         "gaussian_entropy": gauss,
         "non_gaussianity": gauss - entropy,
         "nonfinite_count": total["nonfinite"],
+        "rounding_noise_var": rounding,
         "sq_distance": total["sq_distance"],
         "ensemble_log_var": total["ensemble_log_var"],
     }

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "gaussian_entropy": ("nats/param", "entropy of a Gaussian with the same variance", "entropy.gaussian_entropy"),
     "non_gaussianity": ("nats/param", "Gaussian entropy minus value entropy (>= 0)", "entropy"),
     "nonfinite_count": ("count", "NaN or Inf values in the layer", "moments"),
+    "rounding_noise_var": ("weight^2", "variance per value of the storage dtype's rounding (ulp^2/12)", "displacement.rounding_noise_var"),
     "sq_distance": ("weight^2", "squared distance to the checkpoint lag steps back, summed over the layer", "displacement.sq_distance_band"),
     "msd": ("weight^2/param", "mean squared displacement since the previous checkpoint", "displacement"),
     "ensemble_log_var": ("ln(weight^2)", "sum over coordinates of ln Var of detrended values in the window", "ensemble.ensemble_log_var_sum"),
@@ -55,7 +57,9 @@ def write_tree(tree: xr.DataTree, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tree.to_zarr(tmp, mode="w", consolidated=True, encoding=_encodings(tree))
+        with warnings.catch_warnings():  # zarr 3: fixed-width strings, consolidated metadata
+            warnings.simplefilter("ignore", UserWarning)
+            tree.to_zarr(tmp, mode="w", consolidated=True, encoding=_encodings(tree))
         _swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +86,10 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 
 def open_tree(path) -> xr.DataTree:
     """Open a store written by ``write_tree`` (lazy, Zarr-backed)."""
+    if not Path(path).is_dir():
+        from .errors import InputError
+
+        raise InputError(path, "no thermoscope store here (run `thermoscope analyze` or `dvc repro` first)")
     return xr.open_datatree(Path(path), engine="zarr")
 
 

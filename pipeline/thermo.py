@@ -56,7 +56,9 @@ def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
     steps = ds.step.values
     band = ds.sq_distance.values
     n_params = ds.n_params.values
-    est = _per_layer(ds, lambda j: diffusivity_from_band(steps, band[:, j, :], int(n_params[j]), window))
+    noise = ds.rounding_noise_var.mean("step").values  # weight^2, white noise of the storage dtype
+    est = _per_layer(ds, lambda j: diffusivity_from_band(steps, band[:, j, :], int(n_params[j]), window,
+                                                         white_noise_var=float(noise[j])))
     lr = window_learning_rate(steps, ds.log_step.values, ds.log_learning_rate.values, window)
     temp, temp_err = temperature_from_diffusivity(est["diffusivity"], est["diffusivity_err"], lr[:, None])
     dims = ("step", "layer")
