@@ -300,31 +300,26 @@ def work_heat_bars(ds: xr.Dataset, run: str):
     return fig
 
 
-def sweep_power_law(sweep: xr.Dataset):
+def sweep_power_law(lr: xr.DataArray, temp: xr.DataArray, b: float = np.nan, k: float = np.nan):
     """Temperature vs learning rate across runs (log-log) with the fitted T = b * lr^k."""
-    if not all(v in sweep for v in ("lr", "temperature")):
-        return None
-    lr = np.asarray(sweep["lr"].values, float)
-    temp = np.asarray(sweep["temperature"].values, float)
-    ok = np.isfinite(lr) & np.isfinite(temp) & (lr > 0) & (temp > 0)
+    lrv, tv = np.asarray(lr.values, float), np.asarray(temp.values, float)
+    ok = np.isfinite(lrv) & np.isfinite(tv) & (lrv > 0) & (tv > 0)
     if not ok.any():
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    ax.scatter(lr[ok], temp[ok], s=40, color="#c44e52", zorder=3, label="runs")
-    dim = sweep["temperature"].dims[0] if sweep["temperature"].dims else None
-    if dim is not None and dim in sweep.coords:
-        for name, xv, yv in zip(np.asarray(sweep[dim].values)[ok], lr[ok], temp[ok]):
+    ax.scatter(lrv[ok], tv[ok], s=40, color="#c44e52", zorder=3, label="runs")
+    dim = temp.dims[0] if temp.ndim == 1 else None
+    if dim is not None and dim in temp.coords:
+        for name, xv, yv in zip(np.asarray(temp[dim].values)[ok], lrv[ok], tv[ok]):
             ax.annotate(str(name), (xv, yv), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    if "fit_b" in sweep and "fit_k" in sweep:
-        b, k = float(sweep["fit_b"].values), float(sweep["fit_k"].values)
-        if np.isfinite(b) and np.isfinite(k):
-            grid = np.geomspace(lr[ok].min() / 1.3, lr[ok].max() * 1.3, 50)
-            ax.plot(grid, b * grid**k, color="black", lw=1, label=f"fit T = {b:.3g} lr^{k:.3g}")
+    if np.isfinite(b) and np.isfinite(k):
+        grid = np.geomspace(lrv[ok].min() / 1.3, lrv[ok].max() * 1.3, 50)
+        ax.plot(grid, b * grid**k, color="black", lw=1, label=f"fit T = {b:.3g} lr^{k:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(axis_label(sweep["lr"], "learning rate"))
-    ax.set_ylabel(axis_label(sweep["temperature"], "temperature"))
-    ax.set_title("Temperature vs learning rate across the sweep (log-log) [loss units]")
+    ax.set_xlabel(axis_label(lr, "learning rate"))
+    ax.set_ylabel(axis_label(temp, "temperature"))
+    ax.set_title(f"Temperature [{temp.attrs.get('units', 'loss')}] vs learning rate across the sweep (log-log)")
     ax.legend(fontsize=8, loc="upper left")
     return fig
 

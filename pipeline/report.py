@@ -10,10 +10,13 @@ writes, atomically (everything goes to a temporary folder first, then ``os.repla
 - ``metrics.json``: flat ``{"<run>.<metric>": number}`` (non-finite values are left out).
 - ``plots/<run>.global.csv`` (step, global_temperature, loss, learning_rate),
   ``plots/<run>.layer_temperature.csv`` (step, layer, temperature) and, with a sweep,
-  ``plots/sweep.temperature_vs_lr.csv`` (run, lr, temperature).
+  ``plots/sweep.temperature_vs_lr.csv`` (run, lr, temperature); ``plots/global.csv`` and
+  ``plots/layer_temperature.csv`` hold all runs together, with a ``run`` column.
 
-Sweep-node variables read when present: ``lr(run)``, ``temperature(run)``, ``fit_b``,
-``fit_k`` (T = b lr^k) and the free-energy points ``U``, ``S`` (also searched in run nodes).
+Sweep-node variables read when present: the LR and temperature per run (``run_learning_rate``
+or ``lr``; ``run_temperature`` or ``temperature``), ``fit_b``, ``fit_k`` (T = b lr^k), the
+free-energy points U, S (``internal_energy`` and ``run_ensemble_entropy``, or ``U`` and ``S``;
+also searched in run nodes) and every other per-run sweep variable (shown as a table).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pipeline import figures
 from pipeline.errors import InputError
 
 SWEEP = "sweep"
-FREE_ENERGY_NAMES = (("U", "S"), ("internal_energy", "ensemble_entropy"), ("free_energy_U", "free_energy_S"))
+SWEEP_LR = ("run_learning_rate", "lr")
+SWEEP_TEMPERATURE = ("run_temperature", "temperature")
+FREE_ENERGY_NAMES = (("internal_energy", "run_ensemble_entropy"), ("U", "S"), ("internal_energy", "ensemble_entropy"))
 
 
 @dataclass
@@ -158,24 +163,49 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "run"
 
 
+def first_present(ds: xr.Dataset | None, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that is a variable of ``ds``."""
+    return next((n for n in names if ds is not None and n in ds.variables), None)
+
+
+def sweep_points(sweep: xr.Dataset | None) -> tuple[xr.DataArray, xr.DataArray] | None:
+    """(learning rate, temperature) per run from the sweep node, when both are there and 1-D."""
+    lr, temp = first_present(sweep, SWEEP_LR), first_present(sweep, SWEEP_TEMPERATURE)
+    if lr is None or temp is None or sweep[lr].ndim != 1 or sweep[lr].dims != sweep[temp].dims:
+        return None
+    return sweep[lr], sweep[temp]
+
+
+def _run_tables(ds: xr.Dataset) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    cols = {"step": ds["step"].values}
+    for var in ("global_temperature", "loss", "learning_rate"):
+        if var in ds.variables and ds[var].dims == ("step",):
+            cols[var] = ds[var].values.astype(float)
+    layer = None
+    if "temperature" in ds and set(ds["temperature"].dims) == {"step", "layer"}:
+        layer = (ds["temperature"].transpose("step", "layer").to_series().rename("temperature")
+                 .reset_index()[["step", "layer", "temperature"]])
+    return pd.DataFrame(cols), layer
+
+
 def plot_tables(runs: dict[str, xr.Dataset], sweep: xr.Dataset | None) -> dict[str, pd.DataFrame]:
-    """DVC plot tables keyed by file name under ``plots/``."""
-    tables = {}
+    """DVC plot tables keyed by file name under ``plots/``: per run, all runs, and the sweep."""
+    tables, combined = {}, {"global.csv": [], "layer_temperature.csv": []}
     for run, ds in runs.items():
-        cols = {"step": ds["step"].values}
-        for var in ("global_temperature", "loss", "learning_rate"):
-            if var in ds.variables and ds[var].dims == ("step",):
-                cols[var] = ds[var].values.astype(float)
-        tables[f"{safe_name(run)}.global.csv"] = pd.DataFrame(cols)
-        if "temperature" in ds and set(ds["temperature"].dims) == {"step", "layer"}:
-            long = ds["temperature"].transpose("step", "layer").to_series().reset_index()
-            tables[f"{safe_name(run)}.layer_temperature.csv"] = long.rename(columns={0: "temperature"})[
-                ["step", "layer", "temperature"]]
-    if sweep is not None and "lr" in sweep and "temperature" in sweep and sweep["lr"].ndim == 1:
-        dim = sweep["lr"].dims[0]
+        glob, layer = _run_tables(ds)
+        tables[f"{safe_name(run)}.global.csv"] = glob
+        combined["global.csv"].append(glob.assign(run=run))
+        if layer is not None:
+            tables[f"{safe_name(run)}.layer_temperature.csv"] = layer
+            combined["layer_temperature.csv"].append(layer.assign(run=run))
+    tables.update({name: pd.concat(parts, ignore_index=True) for name, parts in combined.items() if parts})
+    points = sweep_points(sweep)
+    if points is not None:
+        lr, temp = points
+        dim = lr.dims[0]
         names = sweep[dim].values if dim in sweep.coords else np.arange(sweep.sizes[dim])
         tables[f"{SWEEP}.temperature_vs_lr.csv"] = pd.DataFrame(
-            {"run": names, "lr": sweep["lr"].values, "temperature": sweep["temperature"].values})
+            {"run": names, "lr": lr.values, "temperature": temp.values})
     return tables
 
 
@@ -221,7 +251,8 @@ def table_html(header: list[str], rows: list[list], cls: str = "", row_cls: list
                 cells.append(f"<td>{esc(v)}</td>")
         rc = f' class="{row_cls[i]}"' if row_cls and row_cls[i] else ""
         body.append(f"<tr{rc}>{''.join(cells)}</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<div class="tablewrap">{table}</div>' if "sortable" in cls else table
 
 
 # ---------------------------------------------------------------- sections
@@ -333,14 +364,34 @@ def work_heat_section(runs: dict[str, xr.Dataset]) -> Section:
                    per_run_figures(runs, figures.work_heat_bars, caption, "work/heat"))
 
 
+def _scalar(ds: xr.Dataset, var: str) -> float:
+    return float(ds[var].values) if var in ds and ds[var].size == 1 else np.nan
+
+
+def sweep_table(sweep: xr.Dataset) -> str:
+    """Every numeric 1-D sweep variable over the run dimension, one row per run."""
+    points = sweep_points(sweep)
+    dim = points[0].dims[0] if points else next(iter(sweep.dims), None)
+    cols = [v for v in sweep.data_vars if sweep[v].dims == (dim,) and sweep[v].dtype.kind in "biuf"]
+    if dim is None or not cols:
+        return ""
+    names = sweep[dim].values if dim in sweep.coords else np.arange(sweep.sizes[dim])
+    header = ["run"] + [f"{v} [{sweep[v].attrs.get('units', '')}]" for v in cols]
+    rows = [[str(n)] + [float(sweep[v].values[i]) for v in cols] for i, n in enumerate(names)]
+    return table_html(header, rows, "sortable")
+
+
 def sweep_section(sweep: xr.Dataset | None) -> Section:
     caption = ("Each point is one run's temperature against its learning rate on log-log axes; the line is "
                "the power-law fit T = b lr^k (k = 1 means T proportional to LR).")
+    title = "Temperature vs learning rate"
     if sweep is None:
-        return Section("sweep", "Temperature vs learning rate", note("Single run: no sweep node."))
-    return Section("sweep", "Temperature vs learning rate",
-                   figure_html(figures.sweep_power_law(sweep), caption,
-                               "Sweep node lacks finite positive 'lr'/'temperature'; skipped."))
+        return Section("sweep", title, note("Single run: no sweep node."))
+    points = sweep_points(sweep)
+    fig = None if points is None else figures.sweep_power_law(
+        *points, _scalar(sweep, "fit_b"), _scalar(sweep, "fit_k"))
+    body = figure_html(fig, caption, "Sweep node lacks finite positive learning rates/temperatures; skipped.")
+    return Section("sweep", title, body + sweep_table(sweep))
 
 
 def find_free_energy(runs, sweep) -> tuple[xr.DataArray, xr.DataArray, list[str]] | None:
@@ -476,8 +527,8 @@ JS = """
 (function(){
   function key(td){var v=td.getAttribute('data-v');
     if(v!==null){return v===''?Infinity:parseFloat(v);} return td.textContent.toLowerCase();}
-  var n=0;
-  document.querySelectorAll('table.sortable').forEach(function(t){
+  var n=0, tables=document.querySelectorAll('table.sortable');
+  tables.forEach(function(t){
     t.querySelectorAll('th').forEach(function(th,c){
       th.addEventListener('click',function(){
         var asc=th.getAttribute('data-dir')!=='asc'; th.setAttribute('data-dir',asc?'asc':'desc');
@@ -488,6 +539,7 @@ JS = """
       }); n++;
     });
   });
+  document.body.setAttribute('data-sortable-tables', String(tables.length));
   document.body.setAttribute('data-sortable-headers', String(n));
 })();
 """
@@ -497,10 +549,7 @@ def render_html(sections: list[Section], title: str) -> str:
     """The whole page as one string."""
     nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     body = "".join(
-        f'<section id="{s.id}"><h2>{esc(s.title)}</h2>'
-        + (s.body.replace('<table class="sortable"', '<div class="tablewrap"><table class="sortable"', 1)
-           .replace("</table>", "</table></div>", 1) if 'class="sortable"' in s.body else s.body)
-        + "</section>" for s in sections)
+        f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"

@@ -83,10 +83,12 @@ def run_dataset(
     work_eff = np.where(activation == "relu", 0.5, np.where(activation == "identity", 0.0,
                         rng.uniform(0.1, 0.4, n_layers)))
     mean_t = np.nanmean(temp, axis=0) if n_steps > 1 else np.full(n_layers, np.nan)
-    carnot = np.clip(1 - np.roll(mean_t, -1) / mean_t, 0, 1)
-    realized = np.abs(work).sum(0) / (np.abs(work).sum(0) + np.abs(heat).sum(0))
+    neighbour = np.concatenate([temp[:, 1:], np.full((n_steps, 1), np.nan)], axis=1)
+    carnot = 1 - np.fmin(temp, neighbour) / np.fmax(temp, neighbour)
+    realized = np.abs(work) / (np.abs(work) + np.abs(heat))
+    work_eff = np.repeat(work_eff[None, :], n_steps, axis=0) * (1 + 0.01 * np.sqrt(var / var.mean(0)))
     eq_index = np.minimum(int(0.3 * n_steps) + 2 * depth, n_steps)
-    eq_step = np.where(eq_index < n_steps, steps[np.minimum(eq_index, n_steps - 1)], -1)
+    eq_step = np.where(eq_index < n_steps, steps[np.minimum(eq_index, n_steps - 1)], np.nan)
     equilibrated = np.arange(n_steps)[:, None] >= eq_index[None, :]
     nonfinite = np.zeros((n_steps, n_layers), dtype=np.int64)
     windows = max(n_steps // 10, 1)
@@ -125,18 +127,18 @@ def run_dataset(
         "temperature_spread": (s, spread, _attrs("loss", "temperature spread across layers")),
         "work": (sl, work, _attrs("loss", "work")),
         "heat": (sl, heat, _attrs("loss", "heat")),
-        "work_efficiency": (("layer",), work_eff, _attrs("1", "activation work efficiency")),
-        "carnot_efficiency": (("layer",), carnot, _attrs("1", "Carnot bound")),
-        "realized_efficiency": (("layer",), realized, _attrs("1", "realized efficiency")),
+        "work_efficiency": (sl, work_eff, _attrs("1", "activation work efficiency")),
+        "carnot_efficiency": (sl, carnot, _attrs("1", "Carnot bound")),
+        "realized_efficiency": (sl, realized, _attrs("1", "realized efficiency")),
         "engine_type": (("layer",), np.where(scale_free, "scale-free", "scale-dependent"), _attrs("1", "engine type")),
-        "equilibrated": (sl, equilibrated, _attrs("1", "equilibrated")),
+        "equilibrated": (sl, equilibrated.astype(np.int8), _attrs("1", "equilibrated")),
         "equilibrium_step": (("layer",), eq_step, _attrs("step", "time to equilibrium")),
     }
     return xr.Dataset(data, coords=coords)
 
 
 def sweep_dataset(runs: dict[str, xr.Dataset], peak_lrs: list[float]) -> xr.Dataset:
-    """Sweep node: plateau temperature and loss per run, power-law fit T = b * lr^k."""
+    """Sweep node: plateau LR, temperature, U and S per run, power-law fit T = b * lr^k."""
     names = list(runs)
     temps, energies, entropies = [], [], []
     for ds in runs.values():
@@ -148,10 +150,12 @@ def sweep_dataset(runs: dict[str, xr.Dataset], peak_lrs: list[float]) -> xr.Data
     k, log_b = np.polyfit(np.log(lr), np.log(temps), 1)
     return xr.Dataset(
         {
-            "lr": ("run", lr, _attrs("1", "peak learning rate")),
-            "temperature": ("run", np.asarray(temps), _attrs("loss", "plateau global temperature")),
-            "U": ("run", np.asarray(energies), _attrs("loss", "plateau loss U")),
-            "S": ("run", np.asarray(entropies), _attrs("nats", "total weight entropy S")),
+            "run_learning_rate": ("run", lr, _attrs("1", "plateau learning rate")),
+            "run_temperature": ("run", np.asarray(temps), _attrs("loss", "plateau global temperature")),
+            "internal_energy": ("run", np.asarray(energies), _attrs("loss", "plateau loss U")),
+            "run_ensemble_entropy": ("run", np.asarray(entropies), _attrs("nats", "total weight entropy S")),
+            "final_loss": ("run", np.array([float(ds.loss[-1]) for ds in runs.values()]),
+                           _attrs("loss", "last logged loss")),
             "fit_b": ((), np.exp(log_b), _attrs("loss", "power-law prefactor b")),
             "fit_k": ((), k, _attrs("1", "power-law exponent k")),
         },

@@ -57,9 +57,12 @@ def test_inline_js_ran_and_wired_the_sortable_table(page, tmp_path):
     proc = chromium(page, tmp_path / "profile", "--dump-dom")
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    n_headers = page.read_text().split('class="sortable"')[1].split("</thead>")[0].count("<th>")
-    assert n_headers > 5
-    assert re.search(rf'<body[^>]*data-sortable-headers="{n_headers}"', dom)
+    tables = page.read_text().split('<table class="sortable">')[1:]
+    n_headers = sum(t.split("</thead>")[0].count("<th>") for t in tables)
+    assert len(tables) == 2 and n_headers > 10  # sweep table + per-layer table
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert f'data-sortable-tables="{len(tables)}"' in body
+    assert f'data-sortable-headers="{n_headers}"' in body
     assert js_errors(proc.stderr) == []
 
 
