@@ -234,8 +234,8 @@ def _layer_axis(ax, names: list[str]) -> None:
     ax.set_xlabel("layer (depth order)")
 
 
-def _layer_vector(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray | None:
-    """Per-layer values in depth order, averaging over any other dim (NaN-skipping)."""
+def layer_mean(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray | None:
+    """Per-layer values in ``order``, averaging over any other dim (NaN-skipping; None when absent)."""
     if var not in ds or "layer" not in ds[var].dims:
         return None
     da = ds[var].astype(float)
@@ -248,7 +248,7 @@ def _layer_vector(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray | N
 def efficiency_bars(ds: xr.Dataset, run: str):
     """Per-layer activation work efficiency coloured by engine type, with Carnot bound and realized efficiency."""
     order = depth_order(ds)
-    work = _layer_vector(ds, "work_efficiency", order)
+    work = layer_mean(ds, "work_efficiency", order)
     if work is None or not np.isfinite(work).any():
         return None
     names = [str(x) for x in ds["layer"].values[order]]
@@ -262,7 +262,7 @@ def efficiency_bars(ds: xr.Dataset, run: str):
         ax.bar(x[sel], work[sel], color=colour, width=0.85, label=f"work efficiency: {kind}")
     for var, style in (("carnot_efficiency", dict(marker="_", color="black", s=120)),
                        ("realized_efficiency", dict(marker="D", color="white", edgecolors="black", s=22))):
-        y = _layer_vector(ds, var, order)
+        y = layer_mean(ds, var, order)
         if y is not None and np.isfinite(y).any():
             ax.scatter(x, y, label=axis_label(ds[var], var), zorder=3, **style)
     _layer_axis(ax, names)

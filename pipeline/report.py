@@ -422,29 +422,44 @@ LAYER_COLUMNS = ["run", "layer", "depth", "n_params", "activation", "engine type
                  "equilibrium step", "non-finite"]
 
 
-def _coord(ds, var, i, default="–"):
-    return ds[var].values[i].item() if var in ds.variables else default
+def layer_last(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray:
+    """Last finite value along ``step`` per layer, in ``order`` (NaN when none or absent)."""
+    if var not in ds or set(ds[var].dims) != {"step", "layer"}:
+        return np.full(len(order), np.nan)
+    v = np.asarray(ds[var].transpose("step", "layer").values, float)[:, order]
+    ok = np.isfinite(v)
+    last = v.shape[0] - 1 - np.argmax(ok[::-1], axis=0)
+    return np.where(ok.any(axis=0), v[last, np.arange(v.shape[1])], np.nan)
+
+
+def layer_coord(ds: xr.Dataset, var: str, order: np.ndarray, default) -> list:
+    """A per-layer coordinate/variable as plain Python values in ``order``."""
+    if var not in ds.variables or ds[var].dims != ("layer",):
+        return [default] * len(order)
+    return [v.item() if hasattr(v, "item") else v for v in np.asarray(ds[var].values)[order]]
 
 
 def layer_rows(run: str, ds: xr.Dataset) -> tuple[list[list], list[str]]:
-    """Per-layer table rows for one run and the row classes ('bad' when non-finite > 0)."""
-    steps = ds["step"].values
+    """Per-layer table rows for one run (depth order) and row classes ('bad' when non-finite > 0)."""
+    order = figures.depth_order(ds)
+    nan = np.full(len(order), np.nan)
+
+    def mean(var):
+        v = figures.layer_mean(ds, var, order)
+        return nan if v is None else v
+
+    nf = (np.asarray(ds["nonfinite_count"].fillna(0).sum([d for d in ds["nonfinite_count"].dims if d != "layer"])
+                     .values, float)[order] if "nonfinite_count" in ds else nan)
     eq = equilibrium_steps(ds)
-    rows, classes = [], []
-    for i in figures.depth_order(ds):
-        sel = ds.isel(layer=i)
-        t = _values(sel, "temperature")
-        h = _values(sel, "weight_entropy")
-        nf = float(np.nansum(_values(sel, "nonfinite_count"))) if "nonfinite_count" in sel else np.nan
-        row = [run, str(ds["layer"].values[i]), _coord(ds, "depth", i, np.nan), _coord(ds, "n_params", i, np.nan),
-               str(_coord(ds, "activation", i)), str(_coord(ds, "engine_type", i)),
-               _nanmean(t), last_finite(steps, t)[1] if t is not None and t.ndim == 1 else np.nan,
-               last_finite(steps, h)[1] if h is not None and h.ndim == 1 else np.nan,
-               _nanmean(_values(sel, "work_efficiency")), _nanmean(_values(sel, "realized_efficiency")),
-               float(eq[i]) if eq is not None else np.nan, nf]
-        rows.append([float(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in row])
-        classes.append("bad" if nf > 0 else "")
-    return rows, classes
+    cols = [[run] * len(order), [str(x) for x in ds["layer"].values[order]],
+            layer_coord(ds, "depth", order, np.nan), layer_coord(ds, "n_params", order, np.nan),
+            [str(x) for x in layer_coord(ds, "activation", order, "–")],
+            [str(x) for x in layer_coord(ds, "engine_type", order, "–")],
+            mean("temperature"), layer_last(ds, "temperature", order), layer_last(ds, "weight_entropy", order),
+            mean("work_efficiency"), mean("realized_efficiency"), nan if eq is None else eq[order], nf]
+    rows = [[float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v
+             for v in row] for row in zip(*cols)]
+    return rows, ["bad" if n > 0 else "" for n in nf]
 
 
 def layer_table_section(runs: dict[str, xr.Dataset]) -> Section:
