@@ -151,6 +151,7 @@ def layer_step_map(ds: xr.Dataset, var: str, log: bool, title: str, cmap: str = 
     height = float(np.clip(2.2 + 0.16 * n_layers, 3.2, 14))
     fig, ax = plt.subplots(figsize=(11, height), layout="constrained")
     ax.set_facecolor("#b0b0b0")
+    ax.grid(False)
     norm = LogNorm(*rng) if log else Normalize(*rng)
     sns.heatmap(values, mask=mask, norm=norm, cmap=cmap, ax=ax, xticklabels=False,
                 yticklabels=False, rasterized=True, cbar_kws={"label": axis_label(da, var)})
@@ -192,7 +193,7 @@ def _mark_equilibrium(ax, ds: xr.Dataset, order: np.ndarray, steps: np.ndarray) 
     size = float(np.clip(600 / len(order), 4, 40))
     ax.scatter(cols, rows, marker="D", s=size, c="#00e5ff", edgecolors="black", linewidths=0.5,
                label="equilibrium onset", zorder=3)
-    ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    ax.figure.legend(loc="outside lower right", fontsize=7)
 
 
 def global_curves(runs: dict[str, xr.Dataset]):
@@ -212,7 +213,8 @@ def global_curves(runs: dict[str, xr.Dataset]):
             if not np.isfinite(y).any():
                 continue
             ax.plot(ds["step"].values, y, marker=".", ms=4, color=colour, label=run)
-            label, drawn = axis_label(ds[var], var), True
+            units = ds[var].attrs.get("units")
+            label, drawn = var.replace("_", " ") + (f" [{units}]" if units else ""), True
             positive &= bool(np.all(y[np.isfinite(y)] > 0))
         if drawn and positive:
             ax.set_yscale("log")
