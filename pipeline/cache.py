@@ -25,11 +25,25 @@ def checkpoint_identity(checkpoint: Checkpoint, tensor: str) -> str:
     return f"{checkpoint.header_hash}:{st.st_size}:{st.st_mtime_ns}"
 
 
+# the code that produces a layer result: a change to any of them invalidates the cache
+MEASURING_CODE = ("measure.py", "safetensors_io.py", "estimators/entropy.py",
+                  "estimators/displacement.py", "estimators/ensemble.py", "estimators/spectral.py")
+
+
+def _code_digest() -> str:
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in MEASURING_CODE:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()
+
+
 class LayerCache:
-    """Cached layer results under ``root/<settings hash>/<run>/<tensor>.npz``."""
+    """Cached layer results under ``root/<settings + code hash>/<run>/<tensor>.npz``."""
 
     def __init__(self, root, settings: MeasureSettings):
         relevant = {k: v for k, v in asdict(settings).items() if k != "device"}
+        relevant["code"] = _code_digest()
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(root) / digest
 
