@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import replace
 
 from .errors import ThermoscopeError
@@ -27,16 +29,25 @@ exit codes: 0 ok, 1 check found bad files, 2 bad input, 3 internal error, 130 in
 """
 
 
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """--debug/--quiet/--json-log, accepted before or after the command (``suppress``: the
+    subcommand's copy sets them only when given, so it never undoes the main parser's)."""
+    c = argparse.ArgumentParser(add_help=False)
+    kw = {"default": argparse.SUPPRESS} if suppress else {}
+    c.add_argument("--debug", action="store_true", help="show the traceback of an error", **kw)
+    c.add_argument("--quiet", action="store_true", help="print nothing on success", **kw)
+    c.add_argument("--json-log", action="store_true", help="progress and results as JSON lines on stderr", **kw)
+    return c
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thermoscope", description="Thermodynamics of training, "
                                 "measured from checkpoint series.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--json-log", action="store_true", help="progress and results as JSON lines on stderr")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_common(False)])
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("analyze", help="measure a run or sweep folder into a Zarr store", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter,
+              "parents": [_common(True)]}
+    a = sub.add_parser("analyze", help="measure a run or sweep folder into a Zarr store", **common)
     a.add_argument("path", help="run folder (checkpoints) or sweep folder (folder of run folders)")
     a.add_argument("--store", required=True, help="output Zarr store (replaced atomically)")
     a.add_argument("--params", default=None, help="params.yaml with measure/thermo/dask sections")
@@ -45,30 +56,38 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
     a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
-    r = sub.add_parser("report", help="render the HTML report of a store", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
     r.add_argument("--out", required=True, help="report folder (index.html, metrics.json, plots/)")
-    c = sub.add_parser("check", help="validate every input file, compute nothing", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser("check", help="validate every input file, compute nothing", **common)
     c.add_argument("path")
-    d = sub.add_parser("demo", help="generate the demo series (real training on digits)")
+    d = sub.add_parser("demo", help="generate the demo series (real training on digits)", **common)
     d.add_argument("root", nargs="?", default="data/demo")
     return p
 
 
 def _analyze(args, progress) -> dict:
-    from .analyze import analyze
-    from .params import cluster_settings, load_params, measure_settings
+    from .discovery import discover
 
-    params = load_params(args.params) if args.params else {}
+    params = {}
+    if args.params:
+        from .params import load_params
+
+        params = load_params(args.params)
+    skip = args.skip_bad or bool((params.get("checkpoints") or {}).get("skip_bad"))
+    # Validate every input (headers only) before loading torch/Dask: bad input fails in well
+    # under a second. analyze() scans again; headers are small.
+    discover(args.path, skip_bad=skip)
+
+    from .analyze import analyze
+    from .params import cluster_settings, measure_settings
+
     measure = measure_settings(params)
     if args.spectral:
         measure = replace(measure, spectral=True)
     cluster = cluster_settings(params)
     cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
                       n_workers=args.workers or cluster.n_workers)
-    skip = args.skip_bad or bool((params.get("checkpoints") or {}).get("skip_bad"))
     store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
                     skip_bad=skip, cache_dir=args.cache, progress=progress)
     return {"store": str(store)}
@@ -104,6 +123,8 @@ def main(argv=None) -> int:
     from .progress import progress_printer
 
     progress = progress_printer("quiet" if args.quiet else "json" if args.json_log else "bar")
+    if args.json_log:
+        warnings.showwarning = _json_warning
     started = time.time()
     try:
         result = COMMANDS[args.command](args, progress)
@@ -122,9 +143,15 @@ def main(argv=None) -> int:
     return int(result.pop("exit", 0))
 
 
+def _json_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """--json-log: a Python warning becomes one JSON line too."""
+    print(json.dumps({"event": "warning", "category": category.__name__, "message": str(message),
+                      "where": f"{filename}:{lineno}"}), file=sys.stderr)
+
+
 def _fail(args, exc, code, internal=False) -> int:
     if args.debug:
-        raise exc
+        traceback.print_exception(exc, file=sys.stderr)
     what = f"internal error ({exc.__class__.__name__}): {exc}" if internal else str(exc)
     if args.json_log:
         print(json.dumps({"event": "error", "command": args.command, "message": what}), file=sys.stderr)
