@@ -25,11 +25,13 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import InputError
 from pipeline.manifest import TensorInfo
+
+if TYPE_CHECKING:  # torch is imported by read_rows only: header validation (check, discovery) stays light
+    import torch
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
 
@@ -217,6 +219,7 @@ def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
     shape = header.tensors[name][1]
     if shape and not (0 <= start <= stop <= shape[0]):
         raise InputError(path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name)
+    import torch
     try:
         from safetensors import safe_open
 
