@@ -93,8 +93,10 @@ def _listdir(d: str) -> list[str]:
 
 
 def _flat_files(d: str) -> list[str]:
-    return [os.path.join(d, n) for n in _listdir(d)
-            if n.endswith(".safetensors") and os.path.isfile(os.path.join(d, n))]
+    """``*.safetensors`` entries of ``d``: files, and folders so that a folder named like a
+    checkpoint is reported ("is a directory") rather than silently ignored."""
+    return [os.path.join(d, n) for n in _listdir(d) if n.endswith(".safetensors")
+            and (os.path.isfile(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)))]
 
 
 def _trainer_dirs(d: str) -> list[str]:
