@@ -59,6 +59,7 @@ def write_tree(tree: xr.DataTree, path) -> Path:
     try:
         with warnings.catch_warnings():  # zarr 3: fixed-width strings, consolidated metadata
             warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"zarr\.")  # UnstableSpecificationWarning
             tree.to_zarr(tmp, mode="w", consolidated=True, encoding=_encodings(tree))
         _swap_into_place(tmp, path)
     finally:
