@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .estimators.displacement import rounding_noise_var, sq_distance_band
-from .estimators.ensemble import ensemble_init, ensemble_log_var_sum, ensemble_update
+from .estimators.ensemble import window_log_var_sum
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
 from .manifest import TensorInfo
-from .safetensors_io import read_rows
+from .safetensors_io import _header_for_read, read_rows
 
 
 # storage dtypes whose rounding noise matters for displacements (exact round trip from fp32)
@@ -32,8 +32,8 @@ class MeasureSettings:
     """Knobs of the measure stage (all from params.yaml ``measure``)."""
 
     max_lag: int = 8  # checkpoints back for the squared-distance band
-    entropy_sample: int = 2**18  # coordinates per layer used for the entropy (same at every step)
-    block_elems: int = 2**24  # elements per row block: bounds memory per task (x (max_lag+2))
+    entropy_sample: int = 2**16  # coordinates per layer for the entropy (same at every step; ~3e-3 nats)
+    block_elems: int = 2**22  # elements per row block: memory per task ~ block x 4 B x (max(max_lag, ensemble_window) + 1)
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
     spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
@@ -87,10 +87,14 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     weight^2, ``sample`` (n, k) float32 values of a fixed random coordinate subset, and
     ``spectral`` (n, 2) when on; ``ensemble_log_var`` holds one value per completed window
     starting at or after the window containing ``resume_from``.
+
+    Memory: max(max_lag, ensemble_window) + 1 fp32 blocks, reused from checkpoint to checkpoint
+    (each checkpoint is read straight into the oldest one); the ensemble window is computed from
+    the held blocks when it closes, so no per-coordinate accumulators are kept.
     """
     device = resolve_device(settings.device)
     first, read_from = task.resume_from, task.read_from(settings)
-    first_window = (first // settings.ensemble_window) * settings.ensemble_window
+    w = settings.ensemble_window
     n_out = len(task.files) - first
     n_block = (task.stop - task.start) * _row_elems(task.tensor)
     share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
@@ -104,41 +108,88 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     spectral = settings.spectral and len(task.tensor.shape) >= 2
     if spectral:
         out["spectral"] = np.full((n_out, 2), np.nan)
-    previous: deque[torch.Tensor] = deque(maxlen=settings.max_lag)
-    windows, ens = [], None
+    held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (block, finite)
+    windows, spare = [], None  # spare: the block that left ``held`` last, read into next
     for i in range(read_from, len(task.files)):
-        block = read_rows(task.files[i], task.tensor.name, task.start, task.stop).to(device)
+        block = _read_block(task, i, spare).to(device)
         flat = block.reshape(-1)
-        finite = torch.isfinite(flat)
-        clean = torch.where(finite, flat, torch.zeros((), device=device))
+        moments = _moments(flat)
         if i >= first:
             j = i - first
-            _step_statistics(out, j, flat, finite, clean, pick)
-            if previous:
-                band = sq_distance_band(flat, list(reversed(previous)))
-                out["sq_distance"][j, : len(band)] = band
-            if spectral and bool(finite.all()):
+            out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
+            out["sample"][j] = flat[pick].cpu().numpy()
+            if held:
+                lagged = [b for b, _ in reversed(held)][: settings.max_lag]
+                out["sq_distance"][j, : len(lagged)] = sq_distance_band(flat, lagged)
+            if spectral and moments[1] == 0:
                 out["spectral"][j] = _spectral(block)
-        previous.append(flat)
-        if i % settings.ensemble_window == 0 and i >= first_window:
-            ens = ensemble_init(flat.numel())
-        if ens is not None:
-            ens = ensemble_update(ens, clean, float(task.steps[i]))
-            if (i + 1) % settings.ensemble_window == 0:
-                windows.append(ensemble_log_var_sum(ens))
-                ens = None
+        if len(held) == held.maxlen and device == "cpu":
+            spare = held[0][0]  # evicted by the append below
+        held.append((flat, moments[1] == 0))
+        if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
+            window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+                      for b, ok in list(held)[-w:]]
+            windows.append(window_log_var_sum(window, task.steps[i + 1 - w : i + 1]))
     out["ensemble_log_var"] = np.asarray(windows, dtype=np.float64)
     out["dtype"] = task.tensor.dtype
     return out
 
 
-def _step_statistics(out: dict, j: int, flat, finite, clean, pick) -> None:
-    """Fill row ``j`` of the per-step moment, non-finite and subsample arrays."""
-    out["count"][j] = float(finite.sum())
-    out["nonfinite"][j] = flat.numel() - int(out["count"][j])
-    out["sum"][j] = float(clean.sum(dtype=torch.float64))
-    out["sumsq"][j] = float(clean.square().sum(dtype=torch.float64))
-    out["sample"][j] = flat[pick].cpu().numpy()
+_CHUNK = 1 << 16  # elements reduced in fp32 before accumulating in float64
+
+
+def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
+    """(finite count, non-finite count, sum, sum of squares) of a block: fp32 chunk reductions
+    accumulated in float64; the masked path runs only when a chunk holds NaN/Inf."""
+    total, total_sq, bad = 0.0, 0.0, 0
+    chunk = _CHUNK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    for start in range(0, flat.numel(), chunk):
+        c = flat[start : start + chunk]
+        s, ss = float(c.sum()), float(torch.dot(c, c))
+        if not (np.isfinite(s) and np.isfinite(ss)):
+            finite = torch.isfinite(c)
+            bad += int((~finite).sum())
+            c = torch.where(finite, c, torch.zeros((), device=c.device))
+            s, ss = float(c.sum()), float(torch.dot(c, c))
+        total += s
+        total_sq += ss
+    return float(flat.numel() - bad), bad, total, total_sq
+
+
+def _read_block(task: BlockTask, i: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given.
+
+    F32/BF16/F16 blocks are read with one ``readinto`` from the validated header's offsets
+    (BF16/F16 through a half-size staging buffer, then upcast in place of ``out``); other
+    dtypes, scalars and any problem go through ``read_rows`` (which raises ``InputError``)."""
+    path, tensor = task.files[i], task.tensor
+    shape = (task.stop - task.start, *tensor.shape[1:])
+    code = _READ_DTYPES.get(tensor.dtype)
+    if out is None or code is None or not tensor.shape:
+        return read_rows(path, tensor.name, task.start, task.stop).reshape(shape)
+    out = out.reshape(-1)
+    try:
+        header = _header_for_read(path)
+        dtype, file_shape, (begin, _) = header.tensors[tensor.name]
+        assert dtype == tensor.dtype and tuple(file_shape) == tuple(tensor.shape)
+        itemsize = torch.empty((), dtype=code).element_size()
+        offset = len(header.raw) + begin + task.start * _row_elems(tensor) * itemsize
+        target = out if code == torch.float32 else torch.empty(out.numel(), dtype=torch.int16)
+        raw = memoryview(target.numpy()).cast("B")
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = 0
+            while got < len(raw) and (k := f.readinto(raw[got:])):
+                got += k
+        assert got == len(raw)
+    except Exception:  # noqa: BLE001 - the checked reader names the file and the problem
+        return read_rows(path, tensor.name, task.start, task.stop).reshape(shape)
+    if code != torch.float32:
+        out.copy_(target.view(code))
+    return out.reshape(shape)
+
+
+_READ_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:

@@ -45,29 +45,40 @@ def sq_distance_band(current: torch.Tensor, previous: list[torch.Tensor]) -> np.
     """Squared Euclidean distances between one block of values and earlier blocks.
 
     Estimates nothing: the exact ``sum_i (current_i - previous[k-1]_i)^2`` for each k, in
-    weight^2. Elements are upcast to fp32 (bf16/fp16 exactly), differences squared and reduced
-    in fp32 over chunks of 65536 elements, chunk sums accumulated in float64 (no fp64 copy of
-    the block). Elements where either side is NaN/Inf are left out of the sum; count them with
-    ``(~torch.isfinite(x)).sum()`` in the caller.
+    weight^2. Elements are upcast to fp32 (bf16/fp16 exactly). One pass over chunks of 65536
+    elements: the chunk of ``current`` stays in cache while every lag's difference is formed
+    in a reused fp32 scratch buffer and reduced in fp32 (``torch.dot``), chunk sums accumulated
+    in float64 (no fp64 copy of the block, no per-lag temporary of block size). Elements where
+    either side is NaN/Inf are left out of the sum (a chunk whose fp32 sum is not finite is
+    recomputed with a mask); count them with ``(~torch.isfinite(x)).sum()`` in the caller.
 
     ``previous[k-1]`` is the same block k checkpoints back; returns float64 array (len(previous),).
     """
     cur = current.reshape(-1).to(torch.float32)
-    cur_finite = torch.isfinite(cur)
-    out = np.empty(len(previous), dtype=np.float64)
-    for k, prev in enumerate(previous):
-        p = prev.reshape(-1).to(torch.float32)
+    prevs = [p.reshape(-1).to(torch.float32) for p in previous]
+    for k, p in enumerate(prevs):
         if p.numel() != cur.numel():
             raise ValueError(f"block sizes differ: {cur.numel()} vs {p.numel()} at lag {k + 1}")
-        total = 0.0
-        for start in range(0, cur.numel(), _CHUNK):
-            sl = slice(start, start + _CHUNK)
-            diff = cur[sl] - p[sl]
-            ok = cur_finite[sl] & torch.isfinite(p[sl])
-            diff = torch.where(ok, diff, torch.zeros((), dtype=diff.dtype))
-            total += float(torch.sum(diff * diff).item())
-        out[k] = total
-    return out
+    totals = [0.0] * len(prevs)
+    chunk = _CHUNK if cur.device.type == "cpu" else max(cur.numel(), 1)  # GPU: one launch per lag
+    scratch = torch.empty(min(chunk, cur.numel()), dtype=torch.float32, device=cur.device)
+    for start in range(0, cur.numel(), chunk):
+        c = cur[start : start + chunk]
+        diff = scratch[: c.numel()]
+        for k, p in enumerate(prevs):
+            torch.sub(c, p[start : start + chunk], out=diff)
+            part = float(torch.dot(diff, diff))
+            if not np.isfinite(part):
+                part = _masked_sq_sum(c, p[start : start + chunk])
+            totals[k] += part
+    return np.asarray(totals, dtype=np.float64)
+
+
+def _masked_sq_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum (a - b)^2 over the elements finite on both sides (fp32 reduction)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    diff = torch.where(ok, a - b, torch.zeros((), dtype=a.dtype, device=a.device))
+    return float(torch.dot(diff, diff))
 
 
 def rounding_noise_var(values: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 LN_2PIE = math.log(2.0 * math.pi * math.e)
@@ -107,3 +108,53 @@ def ensemble_entropy(log_var_sum, n_params):
 def ensemble_entropy_per_param(log_var_sum, n_params):
     """``ensemble_entropy`` divided by ``n_params``: nats per parameter."""
     return ensemble_entropy(log_var_sum, n_params) / n_params
+
+
+def window_log_var_sum(values, steps, chunk: int = 1 << 15) -> float:
+    """``ensemble_log_var_sum`` of a window computed directly from its checkpoints' values.
+
+    ``values``: one tensor per checkpoint of the window (same number of elements, float dtype,
+    finite: the caller replaces non-finite values, as for ``ensemble_update``; weight units),
+    ``steps`` their training steps. Same estimand and frozen rule as the streaming
+    accumulators: sum_i ln Var_i over non-frozen coordinates, Var_i the unbiased (n_t - 2 dof)
+    variance of coordinate i's residuals about its least-squares line in the step, units
+    ln(weight^2). Used where the window's blocks are held anyway (the measure stage's lag
+    buffer), so no per-coordinate accumulators are kept.
+
+    Computation, per chunk of coordinates: x = values - the window's first value (fp32), then
+    one small matrix product gives the residuals r = (I - H) x (H the hat matrix of the
+    line fit) and the centred values c = (I - 11^T/n) x explicitly, so there is no
+    sum-of-squares cancellation: the fp32 noise floor of Var_i is ~(eps |x|)^2, far below the
+    frozen threshold (eps * (|ref| + rms(c)))^2. ln Var_i in fp32, summed in float64 (a
+    relative error ~1e-7 per coordinate). Raises ValueError with fewer than 3 checkpoints.
+    """
+    n_t = len(values)
+    if n_t < 3:
+        raise ValueError(f"ensemble window needs >= 3 checkpoints, got {n_t}")
+    flat = [v.reshape(-1) for v in values]
+    tau = np.asarray(steps, dtype=np.float64) - float(steps[0])
+    tau_c = tau - tau.mean()
+    stt = float(tau_c @ tau_c)
+    weights = tau_c / stt if stt > 0 else np.zeros(n_t)  # slope = sum_j weights_j x_j
+    n = flat[0].numel()
+    x = torch.empty((n_t, min(chunk, n)), dtype=torch.float32, device=flat[0].device)
+    sq = torch.empty_like(x)
+    total = 0.0
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        xs, ref = x[:, :m], flat[0][start : start + m].to(torch.float32)
+        for j, v in enumerate(flat):
+            torch.sub(v[start : start + m], ref, out=xs[j])
+        mean = xs.mean(dim=0)
+        slope = torch.zeros_like(mean)
+        for j in range(n_t):
+            slope.add_(xs[j], alpha=float(weights[j]))
+        xs -= mean  # centred
+        centred_ss = torch.mul(xs, xs, out=sq[:, :m]).sum(dim=0)
+        for j in range(n_t):
+            xs[j].sub_(slope, alpha=float(tau_c[j]))  # residuals
+        var = xs.square_().sum(dim=0) / (n_t - 2.0)
+        scale = ref.abs() + (centred_ss / n_t).sqrt_()
+        keep = var > (FP32_EPS * scale).square_()
+        total += float(torch.where(keep, var, 1.0).log_().sum(dtype=torch.float64))
+    return total
