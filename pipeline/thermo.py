@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .estimators.displacement import diffusivity_from_band, temperature_from_diffusivity, window_learning_rate
 from .estimators.efficiency import (carnot_efficiency, engine_type, preactivation_scale,
@@ -24,6 +25,7 @@ register("diffusivity_err", "weight^2/param/step", "1-sigma uncertainty of the d
 register("temperature_identifiable", "1", "checkpoint spacing resolves the diffusion (1) or not (0)", "displacement.diffusivity_from_band")
 register("drift_speed2", "weight^2/param/step^2", "squared drift (river) speed per parameter", "displacement.diffusivity_from_band")
 register("window_learning_rate", "weight^2/loss", "mean learning rate over the temperature window", "displacement.window_learning_rate")
+register("rounding_resolution", "1", "displacement variance between checkpoints over the storage dtype's ulp^2 (window mean; < 0.25: unresolved)", "thermo.rounding_resolution")
 register("temperature", "loss", "local temperature T = D / (2 lr)", "displacement.temperature_from_diffusivity")
 register("temperature_err", "loss", "1-sigma uncertainty of the local temperature", "displacement.temperature_from_diffusivity")
 register("global_temperature", "loss", "n_params-weighted mean of layer temperatures", "thermo.add_global_temperature")
@@ -50,6 +52,28 @@ def _per_layer(ds: xr.Dataset, fn) -> dict[str, np.ndarray]:
     return {k: np.stack([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
+MIN_ROUNDING_RESOLUTION = 0.25  # rms move between checkpoints >= ulp / 2 (see rounding_resolution)
+
+
+def rounding_resolution(msd: np.ndarray, noise_var: np.ndarray, window: int) -> np.ndarray:
+    """(window mean of MSD per interval - 2 q2) / (12 q2): squared move over the mean ulp^2.
+
+    ``msd`` (step, layer) weight^2/param between consecutive checkpoints, ``noise_var`` q2 per
+    layer = ulp^2 / 12 of the storage dtype (``rounding_noise_var``). The rounding correction
+    of ``diffusivity_from_band`` assumes independent rounding errors at each checkpoint, which
+    fails when coordinates move by less than about half an ulp between checkpoints (they stick
+    to the same stored value); below MIN_ROUNDING_RESOLUTION the temperature is flagged
+    unidentifiable (calibrated on bf16 Langevin series: errors > 10% only below ~0.15).
+    Dimensionless; inf for fp64 (q2 = 0), NaN before the window has history.
+    """
+    out = np.full(msd.shape, np.nan)
+    if msd.shape[0] >= window:
+        out[window - 1:] = sliding_window_view(msd, window, axis=0).mean(axis=-1)
+    q2 = np.asarray(noise_var, dtype=np.float64)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(q2 > 0, (out - 2 * q2) / (12 * q2), np.where(np.isfinite(out), np.inf, np.nan))
+
+
 def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
     """Diffusivity and local temperature per (step, layer) from the squared-distance band."""
     window = max(1, min(int(window), ds.sizes["lag"]))
@@ -61,10 +85,12 @@ def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
                                                          white_noise_var=float(noise[j])))
     lr = window_learning_rate(steps, ds.log_step.values, ds.log_learning_rate.values, window)
     temp, temp_err = temperature_from_diffusivity(est["diffusivity"], est["diffusivity_err"], lr[:, None])
+    resolution = rounding_resolution(ds.msd.values, noise, window)
+    ident = est["identifiable"] & (resolution >= MIN_ROUNDING_RESOLUTION)
     dims = ("step", "layer")
     return ds.assign(
         diffusivity=(dims, est["diffusivity"]), diffusivity_err=(dims, est["diffusivity_err"]),
-        temperature_identifiable=(dims, est["identifiable"].astype(np.int8)),
+        temperature_identifiable=(dims, ident.astype(np.int8)), rounding_resolution=(dims, resolution),
         drift_speed2=(dims, est["drift_speed2"]), window_learning_rate=("step", lr),
         temperature=(dims, temp), temperature_err=(dims, temp_err),
     )
@@ -122,7 +148,7 @@ def add_state_temperature(ds: xr.Dataset, data_shift_step) -> xr.Dataset:
 def add_first_law(ds: xr.Dataset) -> xr.Dataset:
     """Work/heat per (interval ending at step, layer) and the closure error against the log."""
     steps = ds.step.values
-    lr = window_learning_rate(steps, ds.log_step.values, ds.log_learning_rate.values, 1)
+    lr = ds.window_learning_rate.values  # D and v^2 are window quantities: the window's mean LR
     dt = np.concatenate([[np.nan], np.diff(steps).astype(np.float64)])
     work, heat = first_law_split(ds.drift_speed2.values, ds.diffusivity.values, lr, dt, ds.n_params.values)
     dloss = np.concatenate([[np.nan], np.diff(_checkpoint_energy(ds))])
@@ -149,8 +175,12 @@ def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
 
 
 def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:
-    """Per layer: stationary (rms, entropy, T) while parameters keep moving; onset step."""
-    macro = np.stack([ds.weight_rms.values, ds.weight_entropy.values, ds.temperature.values], axis=-1)
+    """Per layer: stationary (rms, entropy, T) while parameters keep moving; onset step.
+
+    The entropy enters as exp(h) (an effective width in weight units): its relative change is
+    the absolute change of h in nats, whereas h itself can sit near 0 and its relative change
+    depends on the weight units."""
+    macro = np.stack([ds.weight_rms.values, np.exp(ds.weight_entropy.values), ds.temperature.values], axis=-1)
     flags, onset = [], []
     for j in range(ds.sizes["layer"]):
         eq, start = equilibrium(macro[:, j, :], ds.msd.values[:, j], ds.step.values, window, rel_tol)
@@ -189,7 +219,7 @@ register("run_learning_rate", "weight^2/loss", "median learning rate over the ru
 register("constant_lr", "1", "the run's learning rate is constant over its second half (1) or not (0)", "thermo.sweep_dataset")
 register("run_temperature", "loss", "median global temperature over the run's second half", "thermo.sweep_dataset")
 register("internal_energy", "loss", "mean logged loss over the run's second half (U)", "thermo.sweep_dataset")
-register("run_ensemble_entropy", "nats", "ensemble entropy of the run's last window, summed over layers (S)", "ensemble.ensemble_entropy")
+register("run_ensemble_entropy", "nats", "mean ensemble entropy of the windows in the run's second half, summed over layers (S)", "ensemble.ensemble_entropy")
 register("free_energy_temperature", "loss", "T making each plateau a minimum of F = U - T S (NaN: above the hull)", "thermodynamics.free_energy_temperature")
 register("free_energy_temperature_lower", "loss", "lower bound of the free-energy temperature", "thermodynamics.free_energy_temperature")
 register("free_energy_temperature_upper", "loss", "upper bound of the free-energy temperature", "thermodynamics.free_energy_temperature")
@@ -210,21 +240,41 @@ def _second_half(values: np.ndarray) -> np.ndarray:
     return half[np.isfinite(half)]
 
 
+def _second_half_windows(ds: xr.Dataset) -> np.ndarray:
+    """Ensemble entropy (summed over layers) of the windows starting in the run's second half
+    (the last window when none does): windows of one stationary plateau, averaged for S."""
+    ens = ds.ensemble_entropy.sum("layer", skipna=False).values
+    if ens.size == 0:
+        return ens
+    late = ds.window_start.values >= ds.step.values[len(ds.step) // 2]
+    picked = ens[late] if late.any() else ens[-1:]
+    return picked[np.isfinite(picked)]
+
+
 def _plateau(ds: xr.Dataset) -> dict:
     """Per-run plateau summary: LR, temperature, U, S, final loss over the second half."""
     lr = _second_half(ds.window_learning_rate.values)
     temp = _second_half(ds.global_temperature.values)
     loss = _second_half(ds.loss.values)
-    ens = ds.ensemble_entropy.sum("layer").values
+    ens = _second_half_windows(ds)
     logged = ds.log_loss.values[np.isfinite(ds.log_loss.values)]
     return {
         "run_learning_rate": np.median(lr) if lr.size else np.nan,
         "constant_lr": int(lr.size > 0 and lr.max() <= 1.05 * lr.min()),
         "run_temperature": np.median(temp) if temp.size else np.nan,
         "internal_energy": loss.mean() if loss.size else np.nan,
-        "run_ensemble_entropy": ens[-1] if ens.size else np.nan,
+        "run_ensemble_entropy": ens.mean() if ens.size else np.nan,
         "final_loss": logged[-1] if logged.size else np.nan,
     }
+
+
+def _logged_lr(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, lr) of the run's LR log without missing entries (NaN if nothing is logged)."""
+    lr = ds.log_learning_rate.values.astype(np.float64)
+    ok = np.isfinite(lr)
+    if not ok.any():
+        return np.array([0.0, 1.0]), np.array([np.nan, np.nan])
+    return ds.log_step.values[ok].astype(np.float64), lr[ok]
 
 
 def sweep_dataset(runs: dict[str, xr.Dataset]) -> xr.Dataset:
@@ -240,8 +290,8 @@ def sweep_dataset(runs: dict[str, xr.Dataset]) -> xr.Dataset:
         for target, value in zip(fe, est):
             target[plateau] = value
     t_mid, capacity = heat_capacity(cols["internal_energy"][plateau], cols["run_temperature"][plateau])
-    sched = schedule_diagnostics([runs[n].log_learning_rate.values for n in names], cols["final_loss"],
-                                 [runs[n].log_step.values for n in names])
+    logs = [_logged_lr(runs[n]) for n in names]
+    sched = schedule_diagnostics([lr for _, lr in logs], cols["final_loss"], [s for s, _ in logs])
     ds = xr.Dataset(
         {key: ("run", value) for key, value in cols.items()}
         | {"free_energy_temperature": ("run", fe[0]), "free_energy_temperature_lower": ("run", fe[1]),
