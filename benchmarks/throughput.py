@@ -1,0 +1,478 @@
+"""Throughput, memory and scaling of `thermoscope analyze` against the raw read rate of the same files.
+
+Usage (see benchmarks/README.md):
+    python benchmarks/throughput.py --size 512 --checkpoints 8 [--dtype bf16|fp32] [--spectral]
+           [--workers W] [--mode throughput|memory|scaling|incremental|big|spectral|all] [--json]
+
+Every figure is measured in the same run on the same files: a synthetic random-walk series of
+transformer-shaped layers is written (``--dir`` or a temp dir, removed afterwards), the raw
+sequential read rate is timed on those files with a warm page cache (read once, then timed
+``readinto`` into one reused buffer), and ``thermoscope analyze`` runs as a subprocess while a
+sampler sums ``RssAnon`` (anonymous resident memory: mmap'd / page-cache file pages excluded)
+of the process and all its descendants every ~50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DTYPES = {"fp32": ("F32", torch.float32, 4), "bf16": ("BF16", torch.bfloat16, 2)}
+MB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- synthetic series
+def layer_shapes(size_bytes: float, itemsize: int, n_blocks: int = 2) -> dict[str, tuple]:
+    """Transformer-like layers (qkv, out, mlp up/down, two norms per block) of about
+    ``size_bytes`` in total; hidden size d a multiple of 64 (at least 64)."""
+    d = max(64, int(round(math.sqrt(size_bytes / (itemsize * 12 * n_blocks)) / 64)) * 64)
+    shapes = {}
+    for b in range(n_blocks):
+        p = f"layers.{b}."
+        shapes.update({p + "attn.qkv.weight": (3 * d, d), p + "attn.out.weight": (d, d),
+                       p + "mlp.up.weight": (4 * d, d), p + "mlp.down.weight": (d, 4 * d),
+                       p + "norm1.weight": (d,), p + "norm2.weight": (d,)})
+    return shapes
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], code: str) -> None:
+    """Stream a safetensors file tensor by tensor (no second copy of the whole checkpoint)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16
+                    else t.contiguous().numpy().tobytes())
+    os.replace(tmp, path)
+
+
+class Series:
+    """A random-walk checkpoint series (theta_{t+1} = theta_t + 1e-3 * xi) written step by step;
+    ``extend`` appends checkpoints, so a series can grow (incremental runs)."""
+
+    def __init__(self, folder: Path, size_mb: float, dtype: str = "fp32", n_blocks: int = 2, seed: int = 0):
+        self.folder, self.dtype = Path(folder), dtype
+        self.code, self.torch_dtype, self.itemsize = DTYPES[dtype]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.state = {n: torch.randn(s, generator=self.gen) * 0.02
+                      for n, s in layer_shapes(size_mb * MB, self.itemsize, n_blocks).items()}
+        self.files: list[Path] = []
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+    def extend(self, n: int) -> list[Path]:
+        for _ in range(n):
+            step = 100 * len(self.files)
+            if self.files:
+                for t in self.state.values():
+                    t.add_(torch.randn(t.shape, generator=self.gen), alpha=1e-3)
+            path = self.folder / f"step_{step:06d}.safetensors"
+            _write_safetensors(path, {k: v.to(self.torch_dtype) for k, v in self.state.items()}, self.code)
+            self.files.append(path)
+        return self.files
+
+    def subset(self, folder: Path, n: int) -> Path:
+        """A folder with hard links to the first ``n`` checkpoints (same page-cache pages)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in self.files[:n]:
+            if not (folder / f.name).exists():
+                os.link(f, folder / f.name)
+        return folder
+
+
+# ---------------------------------------------------------------------------- measurements
+def raw_read_rate(files, buffer_bytes: int = 64 * MB, repeats: int = 2) -> dict:
+    """Sequential read rate of ``files`` (bytes/s) with a warm page cache: one untimed pass,
+    then the best of ``repeats`` timed passes of ``readinto`` into one reused buffer."""
+    buf = memoryview(np.empty(buffer_bytes, dtype=np.uint8))
+
+    def once() -> int:
+        total = 0
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                while k := f.readinto(buf):
+                    total += k
+        return total
+
+    once()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        total = once()
+        best = max(best, total / (time.perf_counter() - t))
+    return {"bytes": total, "raw_bytes_per_s": best}
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _rss_anon_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_anon_bytes(root: int) -> int:
+    """Sum of RssAnon over ``root`` and all its descendants (bytes)."""
+    tree, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        total += _rss_anon_kib(pid)
+        todo.extend(tree.get(pid, []))
+    return total * 1024
+
+
+def run_analyze(folder, store, cache, spectral=False, workers=None, interval=0.05) -> dict:
+    """Wall time and peak anonymous memory (whole process tree) of `thermoscope analyze`."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "analyze", str(folder), "--store", str(store),
+           "--cache", str(cache)]
+    if spectral:
+        cmd.append("--spectral")
+    if workers:
+        cmd += ["--workers", str(workers)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_anon_bytes(proc.pid))
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"analyze failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_anon_bytes": peak[0], "command": " ".join(cmd[1:])}
+
+
+def linear_fit(x, y) -> dict:
+    """Least-squares y = a + b x and R^2."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    r2 = 1 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum()) if len(y) > 2 else 1.0
+    return {"intercept": float(a), "slope": float(b), "r2": r2}
+
+
+# ---------------------------------------------------------------------------- modes
+def startup(root: Path, workers=None) -> dict:
+    """Wall time of analyze on a 1-checkpoint tiny series (process, cluster and store overhead)."""
+    s = Series(root / "tiny", 0.05)
+    s.extend(1)
+    return run_analyze(s.folder, root / "tiny.zarr", root / "tiny.cache", workers=workers)
+
+
+def throughput(root: Path, size_mb, n, dtype="fp32", spectral=False, workers=None) -> dict:
+    """Full run on n checkpoints and on n//2 (hard links), raw read rate, ratios, marginal rate."""
+    s = Series(root / "series", size_mb, dtype)
+    s.extend(n)
+    raw = raw_read_rate(s.files)
+    n1 = max(1, n // 2)
+    half = s.subset(root / f"first{n1}", n1)
+    out = {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "n_params": s.n_params,
+           "bytes": raw["bytes"], "raw_bytes_per_s": raw["raw_bytes_per_s"]}
+    runs = {"default": False, **({"spectral": True} if spectral else {})}
+    for label, spec in runs.items():
+        full = run_analyze(s.folder, root / f"{label}.zarr", root / f"{label}.cache", spec, workers)
+        part = run_analyze(half, root / f"{label}{n1}.zarr", root / f"{label}{n1}.cache", spec, workers)
+        bytes1 = sum(f.stat().st_size for f in s.files[:n1])
+        rate = raw["bytes"] / full["wall_s"]
+        marginal = (raw["bytes"] - bytes1) / max(full["wall_s"] - part["wall_s"], 1e-9)
+        out[label] = {"wall_s": full["wall_s"], "bytes_per_s": rate, "ratio": rate / raw["raw_bytes_per_s"],
+                      "wall_s_first_half": part["wall_s"], "checkpoints_first_half": n1,
+                      "marginal_bytes_per_s": marginal, "marginal_ratio": marginal / raw["raw_bytes_per_s"],
+                      "peak_anon_bytes": max(full["peak_anon_bytes"], part["peak_anon_bytes"]),
+                      "command": full["command"]}
+    shutil.rmtree(root / "series")
+    return out
+
+
+def memory(root: Path, size_mb=1024, counts=(4, 12), dtype="fp32", workers=None) -> dict:
+    """Peak anonymous memory for the same checkpoint size at several checkpoint counts."""
+    s = Series(root / "mem", size_mb, dtype)
+    rows = []
+    for n in counts:
+        s.extend(n - len(s.files))
+        r = run_analyze(s.folder, root / f"mem{n}.zarr", root / f"mem{n}.cache", workers=workers)
+        rows.append({"checkpoints": n, "bytes": sum(f.stat().st_size for f in s.files), **r})
+    shutil.rmtree(s.folder)
+    return {"size_mb": size_mb, "dtype": dtype, "n_params": s.n_params, "rows": rows}
+
+
+def scaling(root: Path, size_mb=256, counts=(2, 4, 8), sizes=(64, 128, 256), n=4, dtype="fp32", workers=None) -> dict:
+    """Wall time vs checkpoint count (fixed size) and vs parameter count (fixed count), with fits."""
+    s = Series(root / "count", size_mb, dtype)
+    by_count = []
+    for c in counts:
+        s.extend(c - len(s.files))
+        by_count.append({"checkpoints": c, **run_analyze(s.folder, root / f"c{c}.zarr", root / f"c{c}.cache",
+                                                          workers=workers)})
+    shutil.rmtree(s.folder)
+    by_size = []
+    for mb in sizes:
+        t = Series(root / f"size{mb}", mb, dtype)
+        t.extend(n)
+        by_size.append({"size_mb": mb, "n_params": t.n_params,
+                        **run_analyze(t.folder, root / f"s{mb}.zarr", root / f"s{mb}.cache", workers=workers)})
+        shutil.rmtree(t.folder)
+    return {"by_count": by_count, "count_fit": linear_fit(counts, [r["wall_s"] for r in by_count]),
+            "by_size": by_size, "size_fit": linear_fit([r["n_params"] for r in by_size],
+                                                       [r["wall_s"] for r in by_size])}
+
+
+def incremental(root: Path, size_mb=64, n=20, dtype="fp32", workers=None) -> dict:
+    """Full run on n checkpoints, then add one and rerun with the same cache and store."""
+    s = Series(root / "inc", size_mb, dtype)
+    s.extend(n)
+    raw_read_rate(s.files, repeats=1)
+    full = run_analyze(s.folder, root / "inc.zarr", root / "inc.cache", workers=workers)
+    s.extend(1)
+    raw_read_rate(s.files[-1:], repeats=1)
+    rerun = run_analyze(s.folder, root / "inc.zarr", root / "inc.cache", workers=workers)
+    share = full["wall_s"] / n
+    shutil.rmtree(s.folder)
+    return {"size_mb": size_mb, "checkpoints": n, "full_wall_s": full["wall_s"], "per_checkpoint_s": share,
+            "rerun_wall_s": rerun["wall_s"], "rerun_over_share": rerun["wall_s"] / share}
+
+
+def big(root: Path, n_params=1e9, n=5, workers=None) -> dict:
+    """A 1B-parameter bf16 series of n checkpoints (checks free disk first)."""
+    need = n_params * 2 * n * 1.05
+    free = shutil.disk_usage(root).free
+    if free < need + 4e9:
+        return {"skipped": f"needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
+    s = Series(root / "big", n_params * 2 / MB, "bf16", n_blocks=20)
+    t = time.perf_counter()
+    s.extend(n)
+    gen = time.perf_counter() - t
+    raw = raw_read_rate(s.files, repeats=1)
+    r = run_analyze(s.folder, root / "big.zarr", root / "big.cache", workers=workers)
+    shutil.rmtree(s.folder)
+    return {"n_params": s.n_params, "checkpoints": n, "bytes": raw["bytes"], "generate_s": gen,
+            "raw_bytes_per_s": raw["raw_bytes_per_s"], **r, "bytes_per_s": raw["bytes"] / r["wall_s"],
+            "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
+
+
+def ww_formulas(matrix: np.ndarray) -> tuple[float, float]:
+    """WeightWatcher's spectral entropy and stable rank of one matrix, the way it computes them
+    (RMT_Util.matrix_entropy / stable_rank): numpy SVD, rank = numpy matrix_rank tolerance,
+    entropy = -sum p ln p / ln(rank) with p = s^2 / sum s^2, stable rank = sum s^2 / max s^2."""
+    s = np.linalg.svd(matrix, compute_uv=False)
+    tol = s.max() * max(matrix.shape) * np.finfo(s.dtype).eps
+    rank = int((s > tol).sum())
+    evals = s * s
+    p = evals / evals.sum()
+    p = p[p > 0]
+    entropy = float(-(p * np.log(p)).sum() / np.log(rank if rank > 1 else 1.000001))
+    return entropy, float(evals.sum() / evals.max())
+
+
+def spectral_baselines(root: Path, size_mb=64, n=4, dtype="fp32", workers=None) -> dict:
+    """--spectral analyze vs (a) numpy SVD of each 2-D layer per checkpoint with WW's formulas,
+    (b) weightwatcher itself (when importable) on each checkpoint as a torch model."""
+    import xarray as xr
+    from safetensors.numpy import load_file
+
+    s = Series(root / "spec", size_mb, dtype)
+    s.extend(n)
+    raw_read_rate(s.files, repeats=1)
+    ours = run_analyze(s.folder, root / "spec.zarr", root / "spec.cache", spectral=True, workers=workers)
+    t = time.perf_counter()
+    base = {}
+    for i, f in enumerate(s.files):
+        tensors = load_file(f) if dtype == "fp32" else {k: v.float().numpy() for k, v in _torch_load(f).items()}
+        for name, w in tensors.items():
+            if w.ndim == 2:
+                base[(i, name)] = ww_formulas(w.astype(np.float64))
+    numpy_s = time.perf_counter() - t
+    tree = xr.open_datatree(root / "spec.zarr", engine="zarr")
+    ds = tree[list(tree.children)[0]].to_dataset()
+    diffs = [max(abs(ds.spectral_entropy.isel(step=i).sel(layer=name).item() - e),
+                 abs(ds.stable_rank.isel(step=i).sel(layer=name).item() - r) / r)
+             for (i, name), (e, r) in base.items()]
+    out = {"size_mb": size_mb, "checkpoints": n, "analyze_spectral_s": ours["wall_s"],
+           "numpy_svd_ww_formulas_s": numpy_s, "max_diff_vs_ww_formulas": max(diffs)}
+    out.update(_weightwatcher(s.files))
+    shutil.rmtree(s.folder)
+    return out
+
+
+def _torch_load(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _weightwatcher(files) -> dict:
+    """Time weightwatcher.analyze on each checkpoint loaded into a torch model of Linear layers."""
+    try:
+        import logging
+
+        import weightwatcher as ww
+        logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    except Exception as exc:  # noqa: BLE001 - optional baseline
+        return {"weightwatcher": f"not available ({exc.__class__.__name__})"}
+    t = time.perf_counter()
+    frames = []
+    for f in files:
+        model = torch.nn.Sequential()
+        for name, w in _torch_load(f).items():
+            if w.dim() == 2:
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data = w.float()
+                model.add_module(name.replace(".", "_"), lin)
+        frames.append(ww.WeightWatcher(model=model).analyze(plot=False, randomize=False, mp_fit=False))
+    return {"weightwatcher_analyze_s": time.perf_counter() - t, "weightwatcher_version": ww.__version__,
+            "weightwatcher_columns": [c for c in ("entropy", "stable_rank") if c in frames[0].columns]}
+
+
+# ---------------------------------------------------------------------------- output
+def _gb(x):
+    return f"{x / 1e9:.2f}"
+
+
+def format_tables(results: dict) -> str:
+    lines = []
+    if "startup" in results:
+        lines.append(f"startup (1 tiny checkpoint): {results['startup']['wall_s']:.2f} s, "
+                     f"peak anon {_gb(results['startup']['peak_anon_bytes'])} GB")
+    if "throughput" in results:
+        r = results["throughput"]
+        lines.append(f"\nthroughput: {r['checkpoints']} x {r['size_mb']} MB {r['dtype']} ({r['n_params']:,} params), "
+                     f"raw read {_gb(r['raw_bytes_per_s'])} GB/s")
+        lines.append(f"{'metrics':10s} {'wall s':>8s} {'GB/s':>6s} {'ratio':>6s} {'marg GB/s':>9s} {'marg ratio':>10s} {'peak anon GB':>12s}")
+        for label in ("default", "spectral"):
+            if label in r:
+                x = r[label]
+                lines.append(f"{label:10s} {x['wall_s']:8.2f} {_gb(x['bytes_per_s']):>6s} {x['ratio']:6.2f} "
+                             f"{_gb(x['marginal_bytes_per_s']):>9s} {x['marginal_ratio']:10.2f} {_gb(x['peak_anon_bytes']):>12s}")
+    if "memory" in results:
+        r = results["memory"]
+        lines.append(f"\nmemory: {r['size_mb']} MB {r['dtype']} checkpoints")
+        for x in r["rows"]:
+            lines.append(f"  {x['checkpoints']:3d} checkpoints: wall {x['wall_s']:7.2f} s, peak anon {_gb(x['peak_anon_bytes'])} GB")
+    if "scaling" in results:
+        r = results["scaling"]
+        lines.append("\nscaling in checkpoint count:")
+        lines += [f"  {x['checkpoints']:3d} checkpoints: {x['wall_s']:7.2f} s" for x in r["by_count"]]
+        f = r["count_fit"]
+        lines.append(f"  fit: {f['intercept']:.2f} s + {f['slope']:.3f} s/checkpoint, R^2 {f['r2']:.4f}")
+        lines.append("scaling in parameter count:")
+        lines += [f"  {x['n_params']:>13,d} params: {x['wall_s']:7.2f} s" for x in r["by_size"]]
+        f = r["size_fit"]
+        lines.append(f"  fit: {f['intercept']:.2f} s + {f['slope'] * 1e6:.4f} s/Mparam, R^2 {f['r2']:.4f}")
+    if "incremental" in results:
+        r = results["incremental"]
+        lines.append(f"\nincremental: full {r['checkpoints']} x {r['size_mb']} MB: {r['full_wall_s']:.2f} s "
+                     f"({r['per_checkpoint_s']:.2f} s/checkpoint); +1 checkpoint rerun {r['rerun_wall_s']:.2f} s "
+                     f"= {r['rerun_over_share']:.2f}x the per-checkpoint share")
+    if "big" in results:
+        r = results["big"]
+        lines.append("\nbig: " + (r["skipped"] if "skipped" in r else
+                     f"{r['checkpoints']} x {r['n_params']:,} params bf16 ({_gb(r['bytes'])} GB): wall {r['wall_s']:.1f} s, "
+                     f"{_gb(r['bytes_per_s'])} GB/s = {r['ratio']:.2f}x raw ({_gb(r['raw_bytes_per_s'])} GB/s), "
+                     f"peak anon {_gb(r['peak_anon_bytes'])} GB"))
+    if "spectral" in results:
+        r = results["spectral"]
+        lines.append(f"\nspectral: {r['checkpoints']} x {r['size_mb']} MB: analyze --spectral {r['analyze_spectral_s']:.2f} s; "
+                     f"numpy SVD + WW formulas {r['numpy_svd_ww_formulas_s']:.2f} s; max |diff| {r['max_diff_vs_ww_formulas']:.2e}")
+        if "weightwatcher_analyze_s" in r:
+            lines.append(f"  weightwatcher {r['weightwatcher_version']} analyze on each checkpoint: {r['weightwatcher_analyze_s']:.2f} s")
+        else:
+            lines.append(f"  weightwatcher: {r['weightwatcher']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=float, default=256, help="MB per checkpoint (throughput mode)")
+    p.add_argument("--checkpoints", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--spectral", action="store_true", help="also time analyze --spectral")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--mode", default="throughput",
+                   choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "all"])
+    p.add_argument("--dir", default=None, help="where to write the series (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="thermoscope-bench-", dir=args.dir))
+    modes = ["throughput", "incremental", "memory", "scaling", "spectral", "big"] if args.mode == "all" else [args.mode]
+    results = {"machine": machine(), "argv": sys.argv, "startup": startup(root, args.workers)}
+    try:
+        for mode in modes:
+            if mode == "throughput":
+                results[mode] = throughput(root, args.size, args.checkpoints, args.dtype, args.spectral, args.workers)
+            elif mode == "memory":
+                results[mode] = memory(root, dtype=args.dtype, workers=args.workers)
+            elif mode == "scaling":
+                results[mode] = scaling(root, dtype=args.dtype, workers=args.workers)
+            elif mode == "incremental":
+                results[mode] = incremental(root, dtype=args.dtype, workers=args.workers)
+            elif mode == "big":
+                results[mode] = big(root, workers=args.workers)
+            else:
+                results[mode] = spectral_baselines(root, dtype=args.dtype, workers=args.workers)
+            print(format_tables({mode: results[mode]}), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(format_tables({"startup": results["startup"]}))
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return {"nproc": os.cpu_count(), "memory_bytes": mem, "cpu": model, "torch": torch.__version__,
+            "load_avg": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The benchmark script's functions on tiny sizes (fast), plus the window ensemble estimator the
+optimised measure stage uses, checked against the validated fp64 streaming accumulators."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.estimators.ensemble import (
+    ensemble_init,
+    ensemble_log_var_sum,
+    ensemble_update,
+    window_log_var_sum,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_series_raw_rate_and_fit(tmp_path):
+    bench = _bench()
+    s = bench.Series(tmp_path / "s", 0.05, "bf16")
+    files = s.extend(3)
+    assert len(files) == 3 and all(f.stat().st_size > 0 for f in files)
+    from safetensors.torch import load_file
+
+    a, b = load_file(files[0]), load_file(files[1])
+    assert set(a) == set(bench.layer_shapes(0.05 * bench.MB, 2)) and a["layers.0.mlp.up.weight"].dtype == torch.bfloat16
+    step = (b["layers.0.mlp.up.weight"].float() - a["layers.0.mlp.up.weight"].float()).std().item()
+    assert step == pytest.approx(1e-3, rel=0.2)  # the random walk's step (bf16 rounding adds a little)
+    raw = bench.raw_read_rate(files, buffer_bytes=4096, repeats=1)
+    assert raw["bytes"] == sum(f.stat().st_size for f in files) and raw["raw_bytes_per_s"] > 0
+    fit = bench.linear_fit([1, 2, 3], [3.0, 5.0, 7.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
+    e, r = bench.ww_formulas(np.diag([3.0, 4.0]))
+    p = np.array([9.0, 16.0]) / 25
+    assert e == pytest.approx(-(p * np.log(p)).sum() / math.log(2)) and r == pytest.approx(25 / 16)
+
+
+def test_run_analyze_measures_wall_time_and_tree_memory(tmp_path):
+    bench = _bench()
+    s = bench.Series(tmp_path / "s", 0.05)
+    s.extend(1)
+    r = bench.run_analyze(s.folder, tmp_path / "o.zarr", tmp_path / "c", workers=1)
+    assert r["wall_s"] > 0 and (tmp_path / "o.zarr").exists()
+    assert r["peak_anon_bytes"] > 10 * bench.MB  # python + torch + dask really ran in the tree
+    assert "analyze" in r["command"]
+
+
+@pytest.mark.slow  # two analyze subprocesses: ~30 s, more on a loaded machine
+def test_throughput_fields_on_a_tiny_series(tmp_path):
+    bench = _bench()
+    out = bench.throughput(tmp_path, 0.05, 2, "fp32", spectral=False, workers=1)
+    for key in ("raw_bytes_per_s", "bytes", "n_params"):
+        assert out[key] > 0
+    d = out["default"]
+    for key in ("wall_s", "bytes_per_s", "ratio", "marginal_bytes_per_s", "peak_anon_bytes", "wall_s_first_half"):
+        assert key in d and np.isfinite(d[key])
+    assert d["peak_anon_bytes"] > 10 * bench.MB  # python + torch + dask really ran in the tree
+    assert "throughput" in bench.format_tables({"throughput": out})
+
+
+def _window(n=3000, n_t=8, seed=0, offset=0.0):
+    g = np.random.default_rng(seed)
+    v = np.exp(g.uniform(np.log(1e-6), np.log(1e-2), n))
+    a, b = g.normal(0, 1, n) + offset, g.normal(0, 1e-3, n)
+    steps = 1000.0 + 10.0 * np.arange(n_t)
+    theta = (a + b * steps[:, None] + np.sqrt(v) * g.standard_normal((n_t, n))).astype(np.float32)
+    return steps, theta
+
+
+@pytest.mark.parametrize("offset,n_t", [(0.0, 8), (100.0, 8), (1.0, 30)])
+def test_window_log_var_sum_matches_streaming_accumulators(offset, n_t):
+    """Same estimand as ensemble_log_var_sum (validated against known variances in
+    test_ensemble.py): agreement within 1e-6 nats per coordinate (fp32 residuals vs fp64 sums),
+    here with chunks smaller than the data so the chunk loop is exercised."""
+    steps, theta = _window(offset=offset, n_t=n_t)
+    state = ensemble_init(theta.shape[1])
+    for t, row in zip(steps, theta):
+        ensemble_update(state, torch.from_numpy(row.copy()), float(t))
+    want = ensemble_log_var_sum(state)
+    got = window_log_var_sum([torch.from_numpy(r.copy()) for r in theta], steps, chunk=1024)
+    assert abs(got - want) / theta.shape[1] < 1e-6
+
+
+def test_window_log_var_sum_frozen_coordinates_and_too_few():
+    steps = np.arange(10.0)
+    theta = np.zeros((10, 4), np.float32)
+    theta[:, 1] = 0.5
+    theta[:, 2] = 3.0 + 0.25 * steps  # exactly linear: frozen
+    theta[:, 3] = np.random.default_rng(3).normal(0, 0.1, 10)
+    got = window_log_var_sum([torch.from_numpy(r.copy()) for r in theta], steps)
+    resid = theta[:, 3] - np.polyval(np.polyfit(steps, theta[:, 3].astype(float), 1), steps)
+    assert got == pytest.approx(math.log((resid**2).sum() / 8), rel=1e-5)
+    with pytest.raises(ValueError):
+        window_log_var_sum([torch.ones(3), torch.ones(3)], [0, 1])
