@@ -24,6 +24,12 @@ def _spacing_order(n: int) -> int:
     return max(1, int(round(n ** 0.25)))
 
 
+def _sorted(x: torch.Tensor) -> torch.Tensor:
+    """Ascending copy of a 1-D CPU tensor (numpy's SIMD sort: several times faster than
+    torch.sort for float64 on CPU; same values)."""
+    return torch.from_numpy(np.sort(x.detach().cpu().numpy()))
+
+
 def _spread_ties(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sorted float64 x -> (sorted x with tied values de-quantised, longest run of equal values).
 
@@ -40,7 +46,7 @@ def _spread_ties(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     width = torch.cat([mid, 2 * uniq[-1:] - mid[-1:]]) - lo
     u = torch.rand(x.numel(), generator=torch.Generator().manual_seed(_TIE_SEED), dtype=torch.float64)
     jittered = lo[inverse] + u * width[inverse]
-    return torch.sort(torch.where(counts[inverse] > 1, jittered, x)).values, max_tie
+    return _sorted(torch.where(counts[inverse] > 1, jittered, x)), max_tie
 
 
 def differential_entropy(values: torch.Tensor) -> float:
@@ -86,7 +92,7 @@ def differential_entropy(values: torch.Tensor) -> float:
     n = x.numel()
     if n < MIN_FINITE:
         return float("nan")
-    x = torch.sort(x).values
+    x = _sorted(x)
     if not x[-1] > x[0]:
         return float("nan")
     x, max_tie = _spread_ties(x)
