@@ -162,12 +162,16 @@ def test_demo_temperature_grows_with_learning_rate(demo_tree):
 # ----------------------------------------------------------------------------- 3. free energy
 def test_free_energy_temperature_is_log_mean(tmp_path, cluster):
     """Two constant-LR quadratic runs; S from the measure stage's window accumulators, U from
-    the log: dU/dS = log_mean(T1, T2) (n-weighted global T) within 5%. Checkpoints far apart
-    (every direction decorrelates, exp(-2 lr h_min spacing) < e^-9) so each window samples the
-    stationary distribution; lr h <= 0.05 keeps discrete-time corrections below 2.5%."""
-    h_min = 0.05 / LRS[1] / 100
-    specs = [LayerSpec(noise_std=s, curvature_min=h_min, weight_scale=0.1) for s in (0.02, 0.03)]
-    spacing = int(4.5 / (LRS[0] * h_min))
+    the log: dU/dS = log_mean(T1, T2) (n-weighted global T) within 3%. Checkpoints far apart
+    (exp(-2 lr h spacing) < e^-9: each window samples the stationary distribution), lr h <= 0.05
+    (discrete-time corrections < 2.5%), one curvature per layer. The simulator's flat direction
+    diffuses without bound; its share of a window's per-coordinate variance grows with the
+    spacing and curvature spread and biases dS high (two decades at n = 512: -7% on T_F), so the
+    valleys here are kept dominant (n = 1024, one curvature: flat share ~1%)."""
+    h = 0.05 / LRS[1]
+    specs = [LayerSpec(noise_std=s, shape=(32, 32), curvature_min=h, curvature_decades=0.0, weight_scale=0.1)
+             for s in (0.02, 0.03)]
+    spacing = int(4.5 / (LRS[0] * h))
     temps = [simulate_quadratic_series(tmp_path / "sweep" / f"lr_{lr}", specs, [(48 * spacing, lr)],
                                        checkpoint_every=spacing, seed=i).temperature[:, 0]
              for i, lr in enumerate(LRS)]
@@ -176,7 +180,7 @@ def test_free_energy_temperature_is_log_mean(tmp_path, cluster):
     got = sweep.free_energy_temperature.values
     rel = got / expected - 1
     print(f"\n[free energy] T_F {got} log-mean {expected:.4g} rel. error {rel}")
-    assert np.all(np.abs(rel) < 0.05), rel
+    assert np.all(np.abs(rel) < 0.03), rel
 
 
 def test_over_vs_under_parameterized_temperature(tmp_path, cluster):
