@@ -80,8 +80,10 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     per_step = {}
     for var in ("weight_mean", "weight_rms", "weight_entropy", "gaussian_entropy",
                 "non_gaussianity", "nonfinite_count", "rounding_noise_var", "spectral_entropy", "stable_rank"):
-        if all(var in layers[n] for n in names) and var in layers[names[0]]:
-            per_step[var] = (("step", "layer"), np.stack([layers[n][var] for n in names], axis=1))
+        if any(var in layers[n] for n in names):  # e.g. spectral: NaN for 1-D layers
+            n_steps = len(run.steps)
+            per_step[var] = (("step", "layer"), np.stack(
+                [layers[n].get(var, np.full(n_steps, np.nan)) for n in names], axis=1))
     band = np.stack([layers[n]["sq_distance"] for n in names], axis=1)
     n_params = np.array([t.n_params for t in run.tensors])
     per_step["sq_distance"] = (("step", "layer", "lag"), band)

@@ -55,7 +55,8 @@ def write_tree(tree: xr.DataTree, path) -> Path:
     """Write ``tree`` to ``path`` atomically (temp folder + rename swap)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _clean_leftovers(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with warnings.catch_warnings():  # zarr 3: fixed-width strings, consolidated metadata
             warnings.simplefilter("ignore", UserWarning)
@@ -74,6 +75,28 @@ def _encodings(tree: xr.DataTree) -> dict:
         ds = node.to_dataset(inherit=False)
         enc[node.path] = {name: {"chunks": ds[name].shape or None} for name in ds.data_vars if ds[name].ndim}
     return {k: v for k, v in enc.items() if v}
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Remove temp folders of killed writers (their pid is gone); restore an old store that a
+    writer killed between its two renames left aside."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(leftover, ignore_errors=True)
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if olds and not path.exists():
+        os.replace(olds[-1], path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
