@@ -135,26 +135,27 @@ def window_log_var_sum(values, steps, chunk: int = 1 << 15) -> float:
     tau = np.asarray(steps, dtype=np.float64) - float(steps[0])
     tau_c = tau - tau.mean()
     stt = float(tau_c @ tau_c)
-    weights = tau_c / stt if stt > 0 else np.zeros(n_t)  # slope = sum_j weights_j x_j
-    n = flat[0].numel()
-    x = torch.empty((n_t, min(chunk, n)), dtype=torch.float32, device=flat[0].device)
-    sq = torch.empty_like(x)
+    device, n = flat[0].device, flat[0].numel()
+    slope_w = torch.tensor(tau_c / stt if stt > 0 else np.zeros(n_t), dtype=torch.float32, device=device)
+    tau_c32 = torch.tensor(tau_c, dtype=torch.float32, device=device)
+    m0 = min(chunk, n)
+    x, sq = (torch.empty((n_t, m0), device=device) for _ in range(2))
+    mean, slope, css, var, scale = (torch.empty(m0, device=device) for _ in range(5))
+    frozen = torch.empty(m0, dtype=torch.bool, device=device)
     total = 0.0
-    for start in range(0, n, chunk):
+    for start in range(0, n, chunk):  # reused buffers: no allocation inside the loop
         m = min(chunk, n - start)
-        xs, ref = x[:, :m], flat[0][start : start + m].to(torch.float32)
+        xs, sqs, ref = x[:, :m], sq[:, :m], flat[0][start : start + m].to(torch.float32)
+        mean_, slope_, css_, var_, scale_, frozen_ = (b[:m] for b in (mean, slope, css, var, scale, frozen))
         for j, v in enumerate(flat):
             torch.sub(v[start : start + m], ref, out=xs[j])
-        mean = xs.mean(dim=0)
-        slope = torch.zeros_like(mean)
-        for j in range(n_t):
-            slope.add_(xs[j], alpha=float(weights[j]))
-        xs -= mean  # centred
-        centred_ss = torch.mul(xs, xs, out=sq[:, :m]).sum(dim=0)
-        for j in range(n_t):
-            xs[j].sub_(slope, alpha=float(tau_c[j]))  # residuals
-        var = xs.square_().sum(dim=0) / (n_t - 2.0)
-        scale = ref.abs() + (centred_ss / n_t).sqrt_()
-        keep = var > (FP32_EPS * scale).square_()
-        total += float(torch.where(keep, var, 1.0).log_().sum(dtype=torch.float64))
+        torch.mean(xs, 0, out=mean_)
+        torch.mv(xs.T, slope_w, out=slope_)  # least-squares slope per coordinate
+        xs -= mean_  # centred values
+        torch.sum(torch.mul(xs, xs, out=sqs), 0, out=css_)
+        xs.addr_(tau_c32, slope_, alpha=-1.0)  # residuals about the fitted line
+        torch.sum(torch.mul(xs, xs, out=sqs), 0, out=var_).div_(n_t - 2.0)
+        torch.abs(ref, out=scale_).add_(css_.div_(n_t).sqrt_()).mul_(FP32_EPS).square_()
+        torch.le(var_, scale_, out=frozen_)
+        total += float(var_.masked_fill_(frozen_, 1.0).log_().sum(dtype=torch.float64))
     return total
