@@ -431,7 +431,8 @@ def format_tables(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=float, default=256, help="MB per checkpoint (throughput mode)")
+    p.add_argument("--size", type=float, default=256,
+                   help="MB per checkpoint (throughput, incremental; largest size of scaling)")
     p.add_argument("--checkpoints", type=int, default=8)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--spectral", action="store_true", help="also time analyze --spectral")
@@ -451,9 +452,10 @@ def main(argv=None) -> int:
             elif mode == "memory":
                 results[mode] = memory(root, dtype=args.dtype, workers=args.workers)
             elif mode == "scaling":
-                results[mode] = scaling(root, dtype=args.dtype, workers=args.workers)
+                results[mode] = scaling(root, args.size, sizes=(args.size / 4, args.size / 2, args.size),
+                                        dtype=args.dtype, workers=args.workers)
             elif mode == "incremental":
-                results[mode] = incremental(root, dtype=args.dtype, workers=args.workers)
+                results[mode] = incremental(root, args.size, dtype=args.dtype, workers=args.workers)
             elif mode == "big":
                 results[mode] = big(root, workers=args.workers)
             else:
