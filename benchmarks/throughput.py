@@ -163,6 +163,9 @@ def tree_anon_bytes(root: int) -> int:
     return total * 1024
 
 
+ANALYZE_EXTRA_ARGS: list[str] = []  # e.g. ["--threads"], set from the command line
+
+
 def run_analyze(folder, store, cache, spectral=False, workers=None, interval=0.05) -> dict:
     """Wall time and peak anonymous memory (whole process tree) of `thermoscope analyze`."""
     cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "analyze", str(folder), "--store", str(store),
@@ -171,6 +174,7 @@ def run_analyze(folder, store, cache, spectral=False, workers=None, interval=0.0
         cmd.append("--spectral")
     if workers:
         cmd += ["--workers", str(workers)]
+    cmd += ANALYZE_EXTRA_ARGS
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak, done = [0], threading.Event()
@@ -437,11 +441,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--spectral", action="store_true", help="also time analyze --spectral")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--threads", action="store_true", help="pass --threads to analyze (thread workers)")
     p.add_argument("--mode", default="throughput",
                    choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "all"])
     p.add_argument("--dir", default=None, help="where to write the series (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
+    ANALYZE_EXTRA_ARGS[:] = ["--threads"] if args.threads else []
     root = Path(tempfile.mkdtemp(prefix="thermoscope-bench-", dir=args.dir))
     modes = ["throughput", "incremental", "memory", "scaling", "spectral", "big"] if args.mode == "all" else [args.mode]
     results = {"machine": machine(), "argv": sys.argv, "startup": startup(root, args.workers)}

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-bad", action="store_true", help="skip unreadable checkpoints, record why")
     a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
+    a.add_argument("--threads", action="store_true",
+                   help="local workers as threads of this process (faster start-up)")
     a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
@@ -87,7 +89,8 @@ def _analyze(args, progress) -> dict:
         measure = replace(measure, spectral=True)
     cluster = cluster_settings(params)
     cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
-                      n_workers=args.workers or cluster.n_workers)
+                      n_workers=args.workers or cluster.n_workers,
+                      processes=cluster.processes and not args.threads)
     store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
                     skip_bad=skip, cache_dir=args.cache, progress=progress)
     return {"store": str(store)}

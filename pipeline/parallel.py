@@ -29,6 +29,7 @@ class ClusterSettings:
     n_workers: int | None = None  # local cluster size; None = one per core
     memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
     gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
+    processes: bool = True  # local workers as processes (False: threads in this process)
 
 
 def resolve_address(settings: ClusterSettings) -> str | None:
@@ -54,7 +55,7 @@ def _local_cluster(settings: ClusterSettings):
 
         return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    return LocalCluster(n_workers=n, threads_per_worker=1, processes=settings.processes,
                         memory_limit=settings.memory_limit, **quiet)
 
 
