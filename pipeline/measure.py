@@ -20,7 +20,7 @@ from .estimators.displacement import rounding_noise_var, sq_distance_band
 from .estimators.ensemble import window_log_var_sum
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
 from .manifest import TensorInfo
-from .safetensors_io import _header_for_read, read_rows
+from .safetensors_io import read_rows
 
 
 # storage dtypes whose rounding noise matters for displacements (exact round trip from fp32)
@@ -157,39 +157,9 @@ def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
 
 
 def _read_block(task: BlockTask, i: int, out: torch.Tensor | None) -> torch.Tensor:
-    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given.
-
-    F32/BF16/F16 blocks are read with one ``readinto`` from the validated header's offsets
-    (BF16/F16 through a half-size staging buffer, then upcast in place of ``out``); other
-    dtypes, scalars and any problem go through ``read_rows`` (which raises ``InputError``)."""
-    path, tensor = task.files[i], task.tensor
-    shape = (task.stop - task.start, *tensor.shape[1:])
-    code = _READ_DTYPES.get(tensor.dtype)
-    if out is None or code is None or not tensor.shape:
-        return read_rows(path, tensor.name, task.start, task.stop).reshape(shape)
-    out = out.reshape(-1)
-    try:
-        header = _header_for_read(path)
-        dtype, file_shape, (begin, _) = header.tensors[tensor.name]
-        assert dtype == tensor.dtype and tuple(file_shape) == tuple(tensor.shape)
-        itemsize = torch.empty((), dtype=code).element_size()
-        offset = len(header.raw) + begin + task.start * _row_elems(tensor) * itemsize
-        target = out if code == torch.float32 else torch.empty(out.numel(), dtype=torch.int16)
-        raw = memoryview(target.numpy()).cast("B")
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            got = 0
-            while got < len(raw) and (k := f.readinto(raw[got:])):
-                got += k
-        assert got == len(raw)
-    except Exception:  # noqa: BLE001 - the checked reader names the file and the problem
-        return read_rows(path, tensor.name, task.start, task.stop).reshape(shape)
-    if code != torch.float32:
-        out.copy_(target.view(code))
-    return out.reshape(shape)
-
-
-_READ_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given."""
+    shape = (task.stop - task.start, *task.tensor.shape[1:])
+    return read_rows(task.files[i], task.tensor.name, task.start, task.stop, out=out).reshape(shape)
 
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:

@@ -204,21 +204,27 @@ def _header_for_read(path: str) -> Header:
     return _cached_header(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
+def read_rows(path: str, name: str, start: int, stop: int, out: "torch.Tensor | None" = None) -> "torch.Tensor":
     """Rows ``[start, stop)`` of tensor ``name`` (first dimension; elements of a 1-D tensor; the
     scalar itself for 0-D, where start/stop are ignored) as a contiguous ``torch.float32`` tensor.
 
     Memory-mapped: only the requested bytes are read, then upcast once (F16/BF16/F8/F64 ->
-    F32; F32 is returned as read). The header is validated (cached per path, size, times and inode).
+    F32; F32 is returned as read). With ``out`` (a float32 tensor of the block's size, reused
+    by the streaming measurement) F32/BF16/F16 rows are read straight into it: no allocation
+    per checkpoint. The header is validated (cached per path, size, times and inode).
     Raises ``InputError`` for a bad file, an unknown tensor or an out-of-range row block.
     """
     path = os.fspath(path)
     header = _header_for_read(path)
     if name not in header.tensors:
         raise InputError(path, "no such tensor in the file", name)
-    shape = header.tensors[name][1]
+    dtype, shape, (begin, _) = header.tensors[name]
     if shape and not (0 <= start <= stop <= shape[0]):
         raise InputError(path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name)
+    row_elems = math.prod(shape[1:]) if shape else 1
+    if out is not None and shape and dtype in _DIRECT and out.numel() == (stop - start) * row_elems:
+        offset = len(header.raw) + begin + start * row_elems * ITEMSIZE[dtype]
+        return _read_into(path, name, offset, dtype, out)
     import torch
     try:
         from safetensors import safe_open
@@ -230,3 +236,28 @@ def read_rows(path: str, name: str, start: int, stop: int) -> torch.Tensor:
     except Exception as e:  # SafetensorError and anything torch raises on a damaged mapping
         raise InputError(path, f"cannot read tensor data ({type(e).__name__}: {str(e)[:120]})", name) from None
     return t.to(torch.float32).contiguous()
+
+
+_DIRECT = ("F32", "BF16", "F16")  # dtypes read with one readinto (half types via a staging buffer)
+
+
+def _read_into(path: str, name: str, offset: int, dtype: str, out: "torch.Tensor") -> "torch.Tensor":
+    """Read ``out.numel()`` values of ``dtype`` at byte ``offset`` into the float32 ``out``."""
+    import torch
+
+    flat = out.reshape(-1)
+    staging = flat if dtype == "F32" else torch.empty(flat.numel(), dtype=torch.int16)
+    raw = memoryview(staging.numpy()).cast("B")
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = 0
+            while got < len(raw) and (k := f.readinto(raw[got:])):
+                got += k
+    except OSError as e:
+        raise InputError(path, f"cannot read tensor data ({e.strerror or e})", name) from None
+    if got != len(raw):
+        raise InputError(path, "file ended inside the tensor's data (truncated while reading?)", name)
+    if dtype != "F32":
+        flat.copy_(staging.view(torch.bfloat16 if dtype == "BF16" else torch.float16))
+    return out

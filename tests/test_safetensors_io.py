@@ -58,6 +58,18 @@ def test_read_rows_equals_upcast_values(model_file, code, start, stop):
         want = tensors[name][start:stop].to(torch.float32)
         assert got.dtype == torch.float32 and got.is_contiguous()
         assert torch.equal(got, want)
+        reused = torch.full_like(want, float("nan"))  # the streaming path: read into a held buffer
+        assert torch.equal(read_rows(path, name, start, stop, out=reused), want)
+        assert torch.equal(reused, want)
+
+
+def test_read_rows_into_buffer_reports_a_file_truncated_after_validation(tmp_path):
+    path = cf.write_file(tmp_path / "t.safetensors", {"w": torch.arange(64.0).reshape(8, 8)})
+    read_rows(path, "w", 0, 8)  # header validated and cached
+    with open(path, "r+b") as f:  # another process truncates it in place, same size in the cache key
+        f.truncate(os.path.getsize(path) - 16)
+    with pytest.raises(InputError, match="t.safetensors"):
+        read_rows(path, "w", 0, 8, out=torch.empty(8, 8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.float8_e5m2])
