@@ -145,6 +145,9 @@ def run_metrics(ds: xr.Dataset) -> dict[str, float]:
     eq = equilibrium_steps(ds)
     if eq is not None:
         m["equilibrated_layers"] = float(np.isfinite(eq).sum())
+    for key in ("global_temperature_last", "global_temperature_peak", "mean_temperature"):
+        if m.get(key, 0.0) > 0:  # temperatures are often ~1e-6 loss units: DVC shows 5 decimals
+            m[f"log10_{key}"] = float(np.log10(m[key]))
     return m
 
 
