@@ -9,7 +9,7 @@ pipeline (discovery, logs, activations, measurement, temperatures) runs on it un
     root/demo.json                                  settings marker, written last
 
 ``make_demo`` writes one run with a warmup -> constant -> decay schedule and a sweep of
-constant-LR runs; see docs/methods/demo.md for what each is for.
+constant-LR runs; see METHODS.md for what each is for.
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ class DemoSettings:
     schedule_peak: float = 0.1
     sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3)
     # 20% wrong training labels keep the loss (and the gradient noise) away from zero, so
-    # constant-LR runs stay at a temperature that grows with LR (see docs/methods/demo.md).
+    # constant-LR runs stay at a temperature that grows with LR (see METHODS.md).
     label_noise: float = 0.2
     format: int = DEMO_FORMAT
 

@@ -1,6 +1,6 @@
 """Scan a checkpoint folder into a ``Manifest``, reading safetensors headers only.
 
-Layouts (see docs/methods/inputs.md):
+Layouts (see METHODS.md):
   (a) flat: ``*.safetensors`` files in one folder; the step is ``__metadata__["step"]`` when
       present, else the number after ``step`` in the file name, else its last integer;
   (b) Hugging Face Trainer: ``checkpoint-<step>/model.safetensors``, or shards listed by

@@ -35,7 +35,7 @@ import torch
 
 _CHUNK = 1 << 16  # elements reduced in fp32 before the fp64 accumulation
 
-# identifiability thresholds (see docs/methods/temperature.md for their calibration)
+# identifiability thresholds (see METHODS.md for their calibration)
 MAX_RELATIVE_CORRECTION = 0.1  # |D0 - D(tau_1)| / D0 above this: spacing too coarse
 MIN_LAG_RATIO = 0.75  # D(tau_2) / D(tau_1) below this: MSD saturates between the first lags
 EVAL_LAG_STEPS = 0.0  # the D(tau) line is read at tau -> 0 (SCIENCE.md definition of D)

@@ -3,7 +3,7 @@
 (a) work_efficiency: the activation's work efficiency 1 - E[phi(z)^2] / E[z^2], z ~ N(0, s^2);
 (b) carnot_efficiency: the Carnot bound 1 - T_cold / T_hot between two layers;
 (c) realized_efficiency: work / (work + heat) from the first-law split of a loss change.
-All are dimensionless. See docs/methods/efficiency.md.
+All are dimensionless. See METHODS.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ per-coordinate accumulators are kept; row blocks are additive (sum their values)
 ``window_frozen_count`` counts the coordinates that sum excludes as frozen. Only differences
 between windows (same checkpoint count) are meaningful: the diagonal Gaussian ignores
 correlations and the log of a sample variance with k = n_t - 2 degrees of freedom is biased by
-psi(k/2) - ln(k/2) ~ -1/k per coordinate. See docs/methods/thermodynamics.md.
+psi(k/2) - ln(k/2) ~ -1/k per coordinate. See METHODS.md.
 """
 
 from __future__ import annotations

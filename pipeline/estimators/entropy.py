@@ -2,7 +2,7 @@
 
 Units: nats per parameter. Estimator: the m-spacing estimator with its exact digamma bias
 correction (Vasicek 1976; Beirlant, Dudewicz, Gyorfi & van der Meulen 1997, "m_n-spacing
-estimate"; Learned-Miller & Fisher 2003, RADICAL). See docs/methods/entropy.md.
+estimate"; Learned-Miller & Fisher 2003, RADICAL). See METHODS.md.
 """
 
 from __future__ import annotations

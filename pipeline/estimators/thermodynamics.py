@@ -6,7 +6,7 @@ carries T/2 of excess loss; for theta -= lr (grad + noise), T = lr sigma^2 / 2),
 D = one-step mean squared displacement of the noise part per parameter (weight^2 / param /
 step), D = 2 lr T; entropies in nats; steps are optimizer steps. Sources: Zhang 2024 (seed
 000), Liu, Liu, Gore & Tegmark 2025 (seed 001), Sadrtdinov et al. 2025 (seed 002), the
-physicist's blog (seed 003). Readings and derivations: docs/methods/thermodynamics.md.
+physicist's blog (seed 003). Readings and derivations: METHODS.md.
 """
 
 from __future__ import annotations
