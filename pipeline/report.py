@@ -360,7 +360,8 @@ def efficiency_section(runs: dict[str, xr.Dataset]) -> Section:
 
 def work_heat_section(runs: dict[str, xr.Dataset]) -> Section:
     caption = ("Per layer, the run's total work (systematic descent, drift part) and heat (fluctuation part) "
-               "in loss units; negative work lowers the loss.")
+               "in loss units: positive work is loss removed by the drift, heat is the net loss gained by the "
+               "fluctuating (valley) directions (first law: dL = heat - work).")
     if not any(v in ds for ds in runs.values() for v in ("work", "heat")):
         return Section("work-heat", "Work and heat per layer", note("No work/heat variables in the store."))
     return Section("work-heat", "Work and heat per layer",

@@ -40,7 +40,7 @@ register("heat", "loss", "net heat absorbed by valley directions over the interv
 register("closure_error", "loss", "logged loss change minus sum over layers of (heat - work)", "thermodynamics.closure_error")
 register("work_efficiency", "1", "activation work efficiency 1 - E[phi(z)^2]/E[z^2] at the layer's pre-activation scale", "efficiency.work_efficiency")
 register("carnot_efficiency", "1", "Carnot bound 1 - T_cold/T_hot between the layer and the next one", "efficiency.carnot_efficiency")
-register("realized_efficiency", "1", "realized efficiency work / (work + |heat|)", "efficiency.realized_efficiency")
+register("realized_efficiency", "1", "realized efficiency over the run: total work / (total work + total |heat|); NaN where total work <= 0 (drift unresolved)", "efficiency.realized_efficiency")
 register("engine_type", "1", "scale-free (homogeneous activation) or scale-dependent engine", "efficiency.engine_type")
 register("equilibrated", "1", "macroscopic state stationary while parameters move (1) or not (0)", "thermodynamics.equilibrium")
 register("equilibrium_step", "step", "onset of the final equilibrated stretch (NaN: not equilibrated)", "thermodynamics.equilibrium")
@@ -167,11 +167,14 @@ def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
     temp = ds.temperature.values
     neighbour = np.concatenate([temp[:, 1:], np.full((temp.shape[0], 1), np.nan)], axis=1)
     carnot = carnot_efficiency(np.fmin(temp, neighbour), np.fmax(temp, neighbour))
-    realized = realized_efficiency(ds.work.values, np.abs(ds.heat.values))
+    # over the run: a single interval's drift estimate can be negative (noise-dominated)
+    total_work = np.nansum(ds.work.values, axis=0)
+    realized = realized_efficiency(np.where(total_work > 0, total_work, np.nan),
+                                   np.nansum(np.abs(ds.heat.values), axis=0))
     types = [engine_type(a) if a != "unknown" else "unknown" for a in acts]
     return ds.assign(work_efficiency=(("step", "layer"), work_eff),
                      carnot_efficiency=(("step", "layer"), carnot),
-                     realized_efficiency=(("step", "layer"), realized), engine_type=("layer", types))
+                     realized_efficiency=("layer", realized), engine_type=("layer", types))
 
 
 def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:

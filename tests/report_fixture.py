@@ -85,7 +85,8 @@ def run_dataset(
     mean_t = np.nanmean(temp, axis=0) if n_steps > 1 else np.full(n_layers, np.nan)
     neighbour = np.concatenate([temp[:, 1:], np.full((n_steps, 1), np.nan)], axis=1)
     carnot = 1 - np.fmin(temp, neighbour) / np.fmax(temp, neighbour)
-    realized = np.abs(work) / (np.abs(work) + np.abs(heat))
+    total_work = np.abs(work).sum(axis=0)
+    realized = total_work / (total_work + np.abs(heat).sum(axis=0))
     work_eff = np.repeat(work_eff[None, :], n_steps, axis=0) * (1 + 0.01 * np.sqrt(var / var.mean(0)))
     eq_index = np.minimum(int(0.3 * n_steps) + 2 * depth, n_steps)
     eq_step = np.where(eq_index < n_steps, steps[np.minimum(eq_index, n_steps - 1)], np.nan)
@@ -129,7 +130,7 @@ def run_dataset(
         "heat": (sl, heat, _attrs("loss", "heat")),
         "work_efficiency": (sl, work_eff, _attrs("1", "activation work efficiency")),
         "carnot_efficiency": (sl, carnot, _attrs("1", "Carnot bound")),
-        "realized_efficiency": (sl, realized, _attrs("1", "realized efficiency")),
+        "realized_efficiency": (("layer",), realized, _attrs("1", "realized efficiency")),
         "engine_type": (("layer",), np.where(scale_free, "scale-free", "scale-dependent"), _attrs("1", "engine type")),
         "equilibrated": (sl, equilibrated.astype(np.int8), _attrs("1", "equilibrated")),
         "equilibrium_step": (("layer",), eq_step, _attrs("step", "time to equilibrium")),
