@@ -7,14 +7,12 @@ so a failed or killed run leaves any previous store byte-identical. Every variab
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
 import warnings
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
 # name -> (units, long_name, estimator). Units of weights are the checkpoint's own ("weight").
@@ -117,15 +115,7 @@ def open_tree(path) -> xr.DataTree:
     return xr.open_datatree(Path(path), engine="zarr")
 
 
-def set_json_attr(ds, key: str, value) -> None:
-    """Zarr attrs hold JSON; nested values are stored as one JSON string."""
-    ds.attrs[key] = json.dumps(value)
-
-
 def node_name(run_name: str) -> str:
     """A DataTree-safe node name for a run (no '/')."""
     return run_name.replace("/", "_") or "run"
 
-
-def to_float(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)
