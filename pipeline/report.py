@@ -314,23 +314,34 @@ MAP_CAPTIONS = {
                     "layer's temperature on a log scale (grey: not identifiable / NaN). Dashed lines: "
                     "learning-rate phase changes; diamonds: equilibrium onset. Equal colours across "
                     "rows mean equipartition."),
+    "diffusivity": ("No learning-rate log for this run, so no temperature (T = D / (2 lr) needs the LR): "
+                    "colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
+                    "from input (top) to output, columns checkpoints (grey: not identifiable / NaN)."),
     "weight_entropy": ("Rows are layers in depth order, columns checkpoints; colour is the differential "
                        "entropy of the layer's weight values per parameter (higher = wider spread). "
                        "Grey: NaN."),
 }
 
 
+def _map_variable(ds: xr.Dataset, var: str) -> str:
+    """The temperature map falls back to the diffusivity when the run has no learning-rate log."""
+    no_temperature = var == "temperature" and (var not in ds or not np.isfinite(ds[var].values).any())
+    has_diffusivity = "diffusivity" in ds and np.isfinite(ds["diffusivity"].values).any()
+    return "diffusivity" if no_temperature and has_diffusivity else var
+
+
 def map_section(runs: dict[str, xr.Dataset], var: str, title: str, log: bool) -> Section:
     parts = []
     for run, ds in runs.items():
-        if var not in ds:
+        shown = _map_variable(ds, var)
+        if shown not in ds:
             parts.append(note(f"{run}: '{var}' not in the store; map skipped."))
             continue
-        units = ds[var].attrs.get("units", "")
-        long = ds[var].attrs.get("long_name", var)
-        fig = figures.layer_step_map(ds, var, log, f"{long} [{units}] per layer — {run}")
-        parts.append(figure_html(fig, MAP_CAPTIONS[var],
-                                 f"{run}: '{var}' has no finite{' positive' if log else ''} value; map skipped."))
+        units = ds[shown].attrs.get("units", "")
+        long = ds[shown].attrs.get("long_name", shown)
+        fig = figures.layer_step_map(ds, shown, log, f"{long} [{units}] per layer — {run}")
+        parts.append(figure_html(fig, MAP_CAPTIONS[shown],
+                                 f"{run}: '{shown}' has no finite{' positive' if log else ''} value; map skipped."))
     return Section(f"{var}-map", title, "".join(parts) or note("No runs."))
 
 

@@ -194,7 +194,7 @@ def test_rerender_replaces_stale_plot_files(store, report, tmp_path):
 
 # ---------------------------------------------------------------- robustness
 
-DROPPED = ("temperature", "global_temperature", "temperature_spread", "work_efficiency", "carnot_efficiency",
+DROPPED = ("temperature", "diffusivity", "global_temperature", "temperature_spread", "work_efficiency", "carnot_efficiency",
            "realized_efficiency", "engine_type", "work", "heat", "equilibrium_step", "equilibrated",
            "nonfinite_count")
 
@@ -218,7 +218,7 @@ def test_missing_variables_skip_sections_with_a_note(tmp_path):
 
 def test_all_nan_temperature(tmp_path):
     path = build_store(tmp_path / "s.zarr", n_runs=1, n_layers=4, n_steps=6,
-                       all_nan=("temperature", "global_temperature", "temperature_spread"))
+                       all_nan=("temperature", "diffusivity", "global_temperature", "temperature_spread"))
     page = render_report(path, tmp_path / "out").read_text()
     found = sections(page)
     assert not images(found["temperature-map"])
@@ -281,3 +281,18 @@ def test_five_run_demo_page_stays_light(tmp_path):
     path = build_store(tmp_path / "s.zarr", n_runs=5, n_layers=24, n_steps=60)
     page = render_report(path, tmp_path / "out")
     assert page.stat().st_size < 3_000_000
+
+
+def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
+    """No LR log -> no temperature (never invented): the map shows the measured diffusivity."""
+    path = build_store(tmp_path / "s.zarr", n_runs=1, n_layers=4, n_steps=6,
+                       all_nan=("temperature", "global_temperature", "temperature_spread"))
+    tree = xr.open_datatree(path, engine="zarr").load()
+    run = tree[list(tree.children)[0]].to_dataset()
+    diffusivity = xr.full_like(run["weight_rms"], 1e-6).assign_attrs(units="weight^2/param/step",
+                                                                      long_name="noise diffusivity D")
+    tree[list(tree.children)[0]].dataset = run.assign(diffusivity=diffusivity)
+    tree.to_zarr(tmp_path / "d.zarr", mode="w")
+    found = sections(render_report(tmp_path / "d.zarr", tmp_path / "out").read_text())
+    assert images(found["temperature-map"])
+    assert "noise diffusivity D" in found["temperature-map"] and "No learning-rate log" in found["temperature-map"]
