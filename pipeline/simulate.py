@@ -174,37 +174,50 @@ def simulate_quadratic_series(
         centre = spec.weight_scale * rng.standard_normal(n)
         state.append(dict(spec=spec, h=h, q=q, grad=grad, y=y, centre=centre))
     names = [f"layers.{i}.weight" for i in range(len(layers))]
-    files, losses, current = [], [], 0
-    for step in steps:
-        current = _run_segments(state, lr, current, int(step), rng)
-        tensors, loss = {}, 0.0
-        for name, st in zip(names, state):
-            theta = st["centre"] + st["q"] @ st["y"]
-            tensors[name] = torch.from_numpy(theta.reshape(st["spec"].shape).astype(np.float32))
-            loss += 0.5 * float(np.sum(st["h"] * st["y"] ** 2)) + float(st["grad"] @ st["y"])
-        path = out_dir / f"step_{int(step):06d}.safetensors"
-        _write_checkpoint(path, tensors, dtype)
-        files.append(path)
-        losses.append(loss)
+
+    def checkpoints():
+        current = 0
+        for step in steps:
+            current = _run_segments(state, lr, current, int(step), rng)
+            tensors, loss = {}, 0.0
+            for name, st in zip(names, state):
+                theta = st["centre"] + st["q"] @ st["y"]
+                tensors[name] = torch.from_numpy(theta.reshape(st["spec"].shape).astype(np.float32))
+                loss += 0.5 * float(np.sum(st["h"] * st["y"] ** 2)) + float(st["grad"] @ st["y"])
+            yield tensors, loss
+
+    ckpt_lr = lr[steps]
+    files, losses, log_path = _write_series(out_dir, steps, checkpoints(), dtype, ckpt_lr)
     plateaus = _plateaus(lr)
     sig2 = np.array([s.noise_std**2 for s in layers])[:, None]
     plr = np.array([p[2] for p in plateaus])[None, :]
-    ckpt_lr = lr[steps]
-    log_path = out_dir / "log.csv"
-    _write_log(log_path, steps, losses, ckpt_lr)
     return SimulationTruth(
         out_dir=out_dir,
         files=files,
         steps=steps,
         layer_names=names,
         learning_rate=ckpt_lr,
-        loss=np.asarray(losses),
+        loss=losses,
         plateaus=plateaus,
         temperature=plr * sig2 / 2.0,
         diffusivity=plr**2 * sig2,
         curvatures=[st["h"] for st in state],
         log_path=log_path,
     )
+
+
+def _write_series(out_dir: Path, steps, checkpoints, dtype: str, ckpt_lr):
+    """Save each (tensors, loss) of ``checkpoints`` (one per step) as ``step_%06d.safetensors``
+    and the log ``log.csv``; returns (files, losses, log path)."""
+    files, losses = [], []
+    for step, (tensors, loss) in zip(steps, checkpoints):
+        path = out_dir / f"step_{int(step):06d}.safetensors"
+        _write_checkpoint(path, tensors, dtype)
+        files.append(path)
+        losses.append(loss)
+    log_path = out_dir / "log.csv"
+    _write_log(log_path, steps, losses, ckpt_lr)
+    return files, np.asarray(losses), log_path
 
 
 def _run_segments(state, lr, current: int, target: int, rng) -> int:
@@ -262,24 +275,24 @@ def simulate_linear_regression_sgd(
 
     w = sgd(w, burn_in)
     steps = np.arange(0, n_steps + 1, checkpoint_every, dtype=np.int64)
-    files, losses = [], []
-    for i, step in enumerate(steps):
-        if i:
-            w = sgd(w, checkpoint_every)
-        path = out_dir / f"step_{int(step):06d}.safetensors"
-        _write_checkpoint(path, {"layers.0.weight": torch.from_numpy(w.reshape(shape).astype(np.float32))}, dtype)
-        files.append(path)
-        losses.append(0.5 * float(np.mean((x @ w - y) ** 2)))
+
+    def checkpoints():
+        nonlocal w
+        for i in range(len(steps)):
+            if i:
+                w = sgd(w, checkpoint_every)
+            weight = torch.from_numpy(w.reshape(shape).astype(np.float32))
+            yield {"layers.0.weight": weight}, 0.5 * float(np.mean((x @ w - y) ** 2))
+
     ckpt_lr = np.where(steps > 0, learning_rate, np.nan)
-    log_path = out_dir / "log.csv"
-    _write_log(log_path, steps, losses, ckpt_lr)
+    files, losses, log_path = _write_series(out_dir, steps, checkpoints(), dtype, ckpt_lr)
     return SimulationTruth(
         out_dir=out_dir,
         files=files,
         steps=steps,
         layer_names=["layers.0.weight"],
         learning_rate=ckpt_lr,
-        loss=np.asarray(losses),
+        loss=losses,
         plateaus=[(1, int(steps[-1]), float(learning_rate))],
         temperature=np.full((1, 1), np.nan),
         diffusivity=np.full((1, 1), np.nan),
