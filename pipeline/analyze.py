@@ -89,8 +89,9 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     per_step["sq_distance"] = (("step", "layer", "lag"), band)
     per_step["msd"] = (("step", "layer"), band[:, :, 0] / n_params)
     n_windows = min(len(layers[n]["ensemble_log_var"]) for n in names)
-    per_step["ensemble_log_var"] = (("window", "layer"), np.stack(
-        [layers[n]["ensemble_log_var"][:n_windows] for n in names], axis=1).reshape(n_windows, len(names)))
+    for var in ("ensemble_log_var", "ensemble_frozen"):
+        per_step[var] = (("window", "layer"), np.stack(
+            [layers[n][var][:n_windows] for n in names], axis=1).reshape(n_windows, len(names)))
     w = settings.ensemble_window
     steps = np.array(run.steps, dtype=np.int64)
     coords = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .estimators.displacement import rounding_noise_var, sq_distance_band
-from .estimators.ensemble import window_log_var_sum
+from .estimators.ensemble import window_statistics
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
 from .manifest import TensorInfo
 from .safetensors_io import read_rows
@@ -129,8 +129,9 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
             window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
                       for b, ok in list(held)[-w:]]
-            windows.append(window_log_var_sum(window, task.steps[i + 1 - w : i + 1]))
-    out["ensemble_log_var"] = np.asarray(windows, dtype=np.float64)
+            windows.append(window_statistics(window, task.steps[i + 1 - w : i + 1]))
+    out["ensemble_log_var"] = np.asarray([lv for lv, _ in windows], dtype=np.float64)
+    out["ensemble_frozen"] = np.asarray([n for _, n in windows], dtype=np.int64)
     out["dtype"] = task.tensor.dtype
     return out
 
@@ -179,7 +180,8 @@ def resolve_device(device: str) -> str:
 
 def finalize_layer(blocks: list[dict]) -> dict:
     """Merge the row blocks of one layer into per-step layer statistics (see docs/INTERNALS.md)."""
-    total = {k: sum(b[k] for b in blocks) for k in ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var")}
+    total = {k: sum(b[k] for b in blocks)
+             for k in ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var", "ensemble_frozen")}
     count = np.where(total["count"] > 0, total["count"], np.nan)
     mean = total["sum"] / count
     var = np.maximum(total["sumsq"] / count - mean**2, 0.0)
@@ -198,6 +200,7 @@ def finalize_layer(blocks: list[dict]) -> dict:
         "rounding_noise_var": rounding,
         "sq_distance": total["sq_distance"],
         "ensemble_log_var": total["ensemble_log_var"],
+        "ensemble_frozen": total["ensemble_frozen"],
     }
     if "spectral" in blocks[0]:
         result["spectral_entropy"] = blocks[0]["spectral"][:, 0]

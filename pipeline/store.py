@@ -27,6 +27,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     "sq_distance": ("weight^2", "squared distance to the checkpoint lag steps back, summed over the layer", "displacement.sq_distance_band"),
     "msd": ("weight^2/param", "mean squared displacement since the previous checkpoint", "displacement"),
     "ensemble_log_var": ("ln(weight^2)", "sum over coordinates of ln Var of detrended values in the window", "ensemble.window_log_var_sum"),
+    "ensemble_frozen": ("count", "coordinates left out of ensemble_log_var as frozen (no resolvable fluctuation)", "ensemble.window_statistics"),
     "spectral_entropy": ("1", "spectral entropy normalised by ln(rank) (WeightWatcher)", "spectral.spectral_metrics"),
     "stable_rank": ("1", "stable rank sum(s^2)/max(s^2) (WeightWatcher)", "spectral.spectral_metrics"),
     "log_loss": ("loss", "training loss from the run's log", "log"),

@@ -117,7 +117,8 @@ def add_global_temperature(ds: xr.Dataset) -> xr.Dataset:
 
 def add_ensemble_entropy(ds: xr.Dataset) -> xr.Dataset:
     """Extensive trajectory-ensemble entropy per (window, layer) from the measured log-variances."""
-    ent = ensemble_entropy(ds.ensemble_log_var.values, ds.n_params.values[None, :])
+    fluctuating = ds.n_params.values[None, :] - ds.ensemble_frozen.values  # frozen ones carry no entropy term
+    ent = ensemble_entropy(ds.ensemble_log_var.values, fluctuating)
     return ds.assign(ensemble_entropy=(("window", "layer"), np.asarray(ent, dtype=np.float64)))
 
 

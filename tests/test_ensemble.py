@@ -86,3 +86,16 @@ def test_too_few_checkpoints():
         window_log_var_sum(_rows(np.ones((2, 3), np.float32)), np.arange(2.0))
     with pytest.raises(ValueError):
         window_frozen_count(_rows(np.ones((2, 3), np.float32)), np.arange(2.0))
+
+
+def test_window_statistics_returns_both_in_one_pass():
+    from pipeline.estimators.ensemble import window_frozen_count, window_log_var_sum, window_statistics
+
+    rng = np.random.default_rng(3)
+    steps = np.arange(10) * 5.0
+    theta = rng.normal(size=(10, 50)) * 0.1
+    theta[:, :4] = 0.25  # constant (e.g. bias init): frozen
+    values = [torch.from_numpy(r.copy()) for r in theta]
+    lv, frozen = window_statistics(values, steps)
+    assert frozen == window_frozen_count(values, steps) == 4
+    assert lv == window_log_var_sum(values, steps)

@@ -103,12 +103,18 @@ def window_log_var_sum(values, steps, chunk: int = 1 << 15) -> float:
     ``chunk`` coordinates (see ``_window_chunks``), ln Var_i and its sum in float64; buffers
     are reused across chunks (memory ~ 2 n_t chunk x 8 B). Works on the values' device.
     """
-    total = 0.0
-    for var, frozen in _window_chunks(values, steps, chunk):
-        total += float(var.masked_fill_(frozen, 1.0).log_().sum(dtype=torch.float64))
-    return total
+    return window_statistics(values, steps, chunk)[0]
 
 
 def window_frozen_count(values, steps, chunk: int = 1 << 15) -> int:
     """Number of coordinates ``window_log_var_sum`` excludes as frozen (same arguments)."""
-    return sum(int(frozen.sum()) for _, frozen in _window_chunks(values, steps, chunk))
+    return window_statistics(values, steps, chunk)[1]
+
+
+def window_statistics(values, steps, chunk: int = 1 << 15) -> tuple[float, int]:
+    """(``window_log_var_sum``, ``window_frozen_count``) in one pass over the window."""
+    total, n_frozen = 0.0, 0
+    for var, frozen in _window_chunks(values, steps, chunk):
+        n_frozen += int(frozen.sum())
+        total += float(var.masked_fill_(frozen, 1.0).log_().sum(dtype=torch.float64))
+    return total, n_frozen
