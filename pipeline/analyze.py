@@ -56,10 +56,8 @@ def measure_manifest(manifest: Manifest, settings: MeasureSettings, cluster: Clu
             if progress and dashboard_link(client):
                 progress(f"dask dashboard: {dashboard_link(client)}", 0, len(todo))
             for done, ((run_name, name), new) in enumerate(run_tasks(client, todo, settings), 1):
-                run = runs[run_name]
-                tensor = next(t for t in run.tensors if t.name == name)
                 results[(run_name, name)] = merge(cached[(run_name, name)], new)
-                cache.save(run, tensor, results[(run_name, name)])
+                cache.save(runs[run_name], todo[(run_name, name)][0].tensor, results[(run_name, name)])
                 if progress:
                     progress(f"{run_name}: {name}", done, len(todo))
     out: dict[str, dict[str, dict]] = {}
@@ -109,8 +107,7 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     per_step["log_loss"] = ("log_step", np.asarray(run.log.loss, dtype=np.float64))
     per_step["log_learning_rate"] = ("log_step", np.asarray(run.log.learning_rate, dtype=np.float64))
     coords["log_step"] = np.asarray(run.log.step, dtype=np.int64)
-    coords["fan_in"] = ("layer", np.array([t.n_params // max(t.shape[0], 1) if t.shape else 1
-                                           for t in run.tensors]))
+    coords["fan_in"] = ("layer", np.array([t.row_elems for t in run.tensors]))
     ds = xr.Dataset(per_step, coords=coords)
     ds.attrs.update(run=run.name, path=run.path, log_source=run.log.source or "none")
     return annotate(ds)
@@ -129,11 +126,13 @@ def measured_tree(manifest: Manifest, results: dict, settings: MeasureSettings) 
 
 def analyze(path, store, measure: MeasureSettings = MeasureSettings(),
             cluster: ClusterSettings = ClusterSettings(), thermo_params: dict | None = None,
-            skip_bad: bool = False, cache_dir=None, progress: Progress | None = None) -> Path:
-    """Index, measure and derive the thermodynamics of the checkpoints under ``path``."""
+            skip_bad: bool = False, cache_dir=None, progress: Progress | None = None,
+            manifest: Manifest | None = None) -> Path:
+    """Index, measure and derive the thermodynamics of the checkpoints under ``path``
+    (``manifest``: the result of ``discover(path, skip_bad)`` when the caller already has it)."""
     from .thermo import derive  # thermo depends on the measured schema built here
 
-    manifest = discover(path, skip_bad=skip_bad)
+    manifest = manifest or discover(path, skip_bad=skip_bad)
     cache_dir = cache_dir or Path(store).with_name(f".{Path(store).name}.cache")
     results = measure_manifest(manifest, measure, cluster, cache_dir, progress)
     tree = derive(measured_tree(manifest, results, measure), thermo_params or {})

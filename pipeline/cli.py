@@ -78,8 +78,8 @@ def _analyze(args, progress) -> dict:
         params = load_params(args.params)
     skip = args.skip_bad or bool((params.get("checkpoints") or {}).get("skip_bad"))
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
-    # under a second. analyze() scans again; headers are small.
-    discover(args.path, skip_bad=skip)
+    # under a second; the manifest is then handed to analyze().
+    manifest = discover(args.path, skip_bad=skip)
 
     from .analyze import analyze
     from .params import cluster_settings, measure_settings
@@ -92,7 +92,7 @@ def _analyze(args, progress) -> dict:
                       n_workers=args.workers or cluster.n_workers,
                       processes=cluster.processes and not args.threads)
     store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
-                    skip_bad=skip, cache_dir=args.cache, progress=progress)
+                    skip_bad=skip, cache_dir=args.cache, progress=progress, manifest=manifest)
     return {"store": str(store)}
 
 

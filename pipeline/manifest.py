@@ -26,6 +26,16 @@ class TensorInfo:
             n *= d
         return n
 
+    @property
+    def rows(self) -> int:
+        """Length of the first dimension (1 for a scalar): the axis measurement blocks split."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        """Elements per row, i.e. the fan-in of a weight stored (out, in, ...)."""
+        return max(1, self.n_params // max(self.rows, 1))
+
 
 @dataclass(frozen=True)
 class Checkpoint:

@@ -57,20 +57,12 @@ class BlockTask:
         return max(0, min(self.resume_from - settings.max_lag, window_start))
 
 
-def _rows(tensor: TensorInfo) -> int:
-    return tensor.shape[0] if tensor.shape else 1
-
-
-def _row_elems(tensor: TensorInfo) -> int:
-    return max(1, tensor.n_params // max(_rows(tensor), 1))
-
-
 def layer_blocks(tensor: TensorInfo, settings: MeasureSettings) -> list[tuple[int, int]]:
     """Row ranges that split ``tensor`` into blocks of about ``block_elems`` elements."""
-    rows = _rows(tensor)
+    rows = tensor.rows
     if settings.spectral and len(tensor.shape) >= 2:
         return [(0, rows)]
-    per_block = max(1, settings.block_elems // _row_elems(tensor))
+    per_block = max(1, settings.block_elems // tensor.row_elems)
     return [(a, min(a + per_block, rows)) for a in range(0, rows, per_block)]
 
 
@@ -96,7 +88,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     first, read_from = task.resume_from, task.read_from(settings)
     w = settings.ensemble_window
     n_out = len(task.files) - first
-    n_block = (task.stop - task.start) * _row_elems(task.tensor)
+    n_block = (task.stop - task.start) * task.tensor.row_elems
     share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
     pick = entropy_subsample_indices(n_block, share, _layer_seed(task.tensor.name) + task.start).to(device)
     out = {
