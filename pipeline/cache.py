@@ -1,9 +1,10 @@
 """Per-(run, layer) measurement cache: work already done is not redone.
 
 Each finished layer is saved (atomically) with the identity of the checkpoints it covered:
-header hash + file size + mtime of each. A later run whose checkpoints extend a cached prefix
-measures only the new ones (priming the lag buffer from the last cached checkpoints); a run
-interrupted midway (even by kill -9) resumes with the layers it had finished.
+their ``header_hash`` (headers, file sizes and mtimes; see ``safetensors_io.Header``). A later
+run whose checkpoints extend a cached prefix measures only the new ones (priming the lag buffer
+from the last cached checkpoints); a run interrupted midway (even by kill -9) resumes with the
+layers it had finished.
 """
 
 from __future__ import annotations
@@ -16,14 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Checkpoint, Run, TensorInfo
+from .manifest import Run, TensorInfo
 from .measure import MeasureSettings
-
-def checkpoint_identity(checkpoint: Checkpoint, tensor: str) -> str:
-    """Header hash plus size and mtime of the file holding ``tensor`` (cheap stat, no data read)."""
-    st = os.stat(checkpoint.files[tensor])
-    return f"{checkpoint.header_hash}:{st.st_size}:{st.st_mtime_ns}"
-
 
 # the code that produces a layer result: a change to any of them invalidates the cache
 MEASURING_CODE = ("measure.py", "safetensors_io.py", "estimators/entropy.py",
@@ -61,7 +56,7 @@ class LayerCache:
                 data = {k: z[k] for k in z.files}
         except (OSError, ValueError):
             return None, 0
-        ids = [checkpoint_identity(c, tensor.name) for c in run.checkpoints]
+        ids = [c.header_hash for c in run.checkpoints]
         cached_ids = list(data.pop("_ids"))
         if len(cached_ids) > len(ids) or ids[: len(cached_ids)] != cached_ids:
             return None, 0
@@ -70,7 +65,7 @@ class LayerCache:
     def save(self, run: Run, tensor: TensorInfo, result: dict) -> None:
         path = self._path(run, tensor)
         path.parent.mkdir(parents=True, exist_ok=True)
-        ids = np.array([checkpoint_identity(c, tensor.name) for c in run.checkpoints])
+        ids = np.array([c.header_hash for c in run.checkpoints])
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, _ids=ids, **result)
         os.replace(tmp, path)

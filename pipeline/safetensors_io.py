@@ -59,20 +59,23 @@ class Header:
     metadata: dict[str, str]
     raw: bytes
     file_size: int
+    mtime_ns: int
 
     def digest_into(self, h: "hashlib._Hash") -> None:
-        """Feed raw header bytes and the file size into a running hash."""
-        h.update(struct.pack("<Q", self.file_size))
+        """Feed raw header bytes, the file size and its modification time into a running hash:
+        a checkpoint re-saved in place (same shapes, new values) changes the digest."""
+        h.update(struct.pack("<QQ", self.file_size, self.mtime_ns))
         h.update(self.raw)
 
 
-def _raw_header(path: str) -> tuple[bytes, int]:
-    """Length-prefix + header bytes and the file size, bounded before any allocation."""
+def _raw_header(path: str) -> tuple[bytes, os.stat_result]:
+    """Length-prefix + header bytes and the file's stat, bounded before any allocation."""
     if os.path.isdir(path):
         raise InputError(path, "is a directory, not a safetensors file")
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputError(path, f"file is {size} bytes, shorter than the 8-byte header length")
@@ -86,7 +89,7 @@ def _raw_header(path: str) -> tuple[bytes, int]:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
     if len(body) != n:
         raise InputError(path, "file shrank while reading the header")
-    return prefix + body, size
+    return prefix + body, st
 
 
 def _no_duplicates(pairs):
@@ -164,12 +167,12 @@ def _check_tiling(path: str, tensors: dict, data_len: int) -> None:
 def load_header(path) -> Header:
     """Read and fully validate the header of ``path``; raises ``InputError`` on any problem."""
     path = os.fspath(path)
-    raw, size = _raw_header(path)
+    raw, st = _raw_header(path)
     obj = _parse_json(path, raw[8:])
     meta = _metadata(path, obj.pop("__metadata__", None))
     tensors = {name: _entry(path, name, e) for name, e in obj.items()}
-    _check_tiling(path, tensors, size - len(raw))
-    return Header(path, tensors, meta, raw, size)
+    _check_tiling(path, tensors, st.st_size - len(raw))
+    return Header(path, tensors, meta, raw, st.st_size, st.st_mtime_ns)
 
 
 def read_header(path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:

@@ -143,3 +143,14 @@ def test_discovery_reads_headers_only_and_is_fast(tmp_path):
     elapsed = time.perf_counter() - t0
     assert len(m.runs[0].checkpoints) == 50
     assert elapsed < 0.5, f"discovery of 50 checkpoints took {elapsed:.3f} s"
+
+
+def test_header_hash_changes_when_a_checkpoint_is_resaved_in_place(tmp_path):
+    """Same shapes, new values: the header is byte-identical, the mtime is not."""
+    cf.write_flat(tmp_path / "a", [0, 1])
+    before = [c.header_hash for c in discover(tmp_path / "a").runs[0].checkpoints]
+    path = tmp_path / "a" / "step_000001.safetensors"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    after = [c.header_hash for c in discover(tmp_path / "a").runs[0].checkpoints]
+    assert after[0] == before[0] and after[1] != before[1]
