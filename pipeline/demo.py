@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.atomic import replace_dir, write_text
 from pipeline.errors import InputError
 
 DEMO_FORMAT = 1  # bump when the files written change, so old demos are regenerated
@@ -199,9 +198,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _save_checkpoint(run_dir: Path, model: nn.Module, step: int, dtype: torch.dtype,
@@ -360,17 +357,6 @@ def _is_complete(root: Path, settings: DemoSettings) -> bool:
                for run in settings.runs())
 
 
-def _swap_into_place(tmp: Path, root: Path) -> None:
-    """Replace ``root`` by ``tmp`` with renames only (root is briefly absent, never partial)."""
-    old = None
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(root, old)
-    os.replace(tmp, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def make_demo(root, quick: bool = False) -> Path:
     """Write the demo sweep under ``root`` (run ``schedule`` + constant-LR runs ``lr_*``).
 
@@ -393,7 +379,7 @@ def make_demo(root, quick: bool = False) -> Path:
                              settings.batch_size, settings.seed, settings.hidden,
                              settings.activations, settings.dtype, settings.label_noise)
         _write_json(tmp / MARKER, settings.to_json())
-        _swap_into_place(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

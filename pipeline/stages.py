@@ -6,16 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import ThermoscopeError
 from .manifest import Manifest
 from .params import cluster_settings, load_params, measure_settings
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def index(params: dict) -> None:
@@ -28,7 +22,7 @@ def index(params: dict) -> None:
 
         make_demo(source)
     manifest = discover(source, skip_bad=bool(params["checkpoints"].get("skip_bad")))
-    _write_text_atomic(Path(params["paths"]["manifest"]), manifest.to_json())
+    write_text(Path(params["paths"]["manifest"]), manifest.to_json())
 
 
 def measure(params: dict) -> None:

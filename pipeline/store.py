@@ -15,6 +15,8 @@ from pathlib import Path
 
 import xarray as xr
 
+from .atomic import replace_dir
+
 # name -> (units, long_name, estimator). Units of weights are the checkpoint's own ("weight").
 VARIABLES: dict[str, tuple[str, str, str]] = {
     "weight_mean": ("weight", "mean of the layer's values", "moments"),
@@ -61,7 +63,7 @@ def write_tree(tree: xr.DataTree, path) -> Path:
             warnings.simplefilter("ignore", UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"zarr\.")  # UnstableSpecificationWarning
             tree.to_zarr(tmp, mode="w", consolidated=True, encoding=_encodings(tree))
-        _swap_into_place(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -96,15 +98,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return pid != os.getpid()
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Replace ``path`` with ``tmp``; the old store is kept aside until the new one is in place."""
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def open_tree(path) -> xr.DataTree:
