@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .estimators.displacement import rounding_noise_var, sq_distance_band
-from .estimators.ensemble import window_statistics
+from .estimators.displacement import band_from_increment_dots, rounding_noise_var, sq_distance_band
+from .estimators.ensemble import increment_window_statistics, window_statistics
 from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
 from .manifest import TensorInfo
 from .safetensors_io import read_rows
@@ -36,6 +36,7 @@ class MeasureSettings:
     block_elems: int = 2**22  # elements per row block: memory per task ~ block x 4 B x (max(max_lag, ensemble_window) + 1)
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
     spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
+    slice_elems: int = 2**16  # elements per cache slice of a block (its lag buffer stays in cache)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
 
@@ -77,20 +78,52 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     lag buffer and the open ensemble window): ``count`` finite values, ``sum`` / ``sumsq`` of
     finite values (weight, weight^2; float64), ``nonfinite``, ``sq_distance`` (n, max_lag)
     weight^2, ``sample`` (n, k) float32 values of a fixed random coordinate subset, and
-    ``spectral`` (n, 2) when on; ``ensemble_log_var`` holds one value per completed window
-    starting at or after the window containing ``resume_from``.
+    ``spectral`` (n, 2) when on; ``ensemble_log_var`` / ``ensemble_frozen`` hold one value per
+    completed window starting at or after the window containing ``resume_from``.
 
-    Memory: max(max_lag, ensemble_window) + 1 fp32 blocks, reused from checkpoint to checkpoint
-    (each checkpoint is read straight into the oldest one); the ensemble window is computed from
-    the held blocks when it closes, so no per-coordinate accumulators are kept.
+    Cache blocking: the block is walked in slices of about ``slice_elems`` elements, each slice
+    streamed through all checkpoints before the next, so the slice's lag buffer (max_lag + 1
+    slices) stays in the CPU cache while the band and the ensemble window are computed; each
+    checkpoint byte is still read once. A spectral layer is one slice (the SVD needs the whole
+    matrix). All statistics are additive over slices (``merge_partials``).
+    """
+    spectral = settings.spectral and len(task.tensor.shape) >= 2
+    per_slice = task.stop - task.start if spectral else max(1, settings.slice_elems // task.tensor.row_elems)
+    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings)
+             for a in range(task.start, task.stop, per_slice)]
+    out = merge_partials(parts)
+    if spectral:
+        out["spectral"] = parts[0]["spectral"]
+    out["dtype"] = task.tensor.dtype
+    return out
+
+
+ADDITIVE = ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var", "ensemble_frozen")
+
+
+def merge_partials(parts: list[dict]) -> dict:
+    """Statistics of the union of disjoint coordinate sets: sums of the additive ones, the
+    entropy samples side by side."""
+    merged = {k: sum(p[k] for p in parts) for k in ADDITIVE}
+    merged["sample"] = np.concatenate([p["sample"] for p in parts], axis=1)
+    return merged
+
+
+def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings) -> dict:
+    """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice).
+
+    Memory: max(max_lag, ensemble_window) + 1 fp32 slices of values, reused from checkpoint to
+    checkpoint (each checkpoint is read straight into the oldest one), plus a ring of the last
+    ``max_lag`` increments (``_BandTracker``); the ensemble window is computed from the held
+    slices when it closes, so no per-coordinate accumulators are kept.
     """
     device = resolve_device(settings.device)
     first, read_from = task.resume_from, task.read_from(settings)
     w = settings.ensemble_window
     n_out = len(task.files) - first
-    n_block = (task.stop - task.start) * task.tensor.row_elems
-    share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
-    pick = entropy_subsample_indices(n_block, share, _layer_seed(task.tensor.name) + task.start).to(device)
+    n_slice = (stop - start) * task.tensor.row_elems
+    share = max(1, round(settings.entropy_sample * n_slice / max(task.tensor.n_params, 1)))
+    pick = entropy_subsample_indices(n_slice, share, _layer_seed(task.tensor.name) + start).to(device)
     out = {
         "count": np.zeros(n_out), "sum": np.zeros(n_out), "sumsq": np.zeros(n_out),
         "nonfinite": np.zeros(n_out, dtype=np.int64),
@@ -100,32 +133,80 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     spectral = settings.spectral and len(task.tensor.shape) >= 2
     if spectral:
         out["spectral"] = np.full((n_out, 2), np.nan)
-    held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (block, finite)
-    windows, spare = [], None  # spare: the block that left ``held`` last, read into next
+    held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (slice, finite)
+    band = _BandTracker(settings.max_lag, n_slice, device)
+    windows, spare = [], None  # spare: the slice that left ``held`` last, read into next
     for i in range(read_from, len(task.files)):
-        block = _read_block(task, i, spare).to(device)
+        block = _read_slice(task, i, start, stop, spare).to(device)
         flat = block.reshape(-1)
         moments = _moments(flat)
+        band_row = band.advance(flat, held, moments[1] == 0)
         if i >= first:
             j = i - first
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
             out["sample"][j] = flat[pick].cpu().numpy()
-            if held:
-                lagged = [b for b, _ in reversed(held)][: settings.max_lag]
-                out["sq_distance"][j, : len(lagged)] = sq_distance_band(flat, lagged)
+            out["sq_distance"][j] = band_row
             if spectral and moments[1] == 0:
                 out["spectral"][j] = _spectral(block)
         if len(held) == held.maxlen and device == "cpu":
             spare = held[0][0]  # evicted by the append below
         held.append((flat, moments[1] == 0))
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
-            window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
-                      for b, ok in list(held)[-w:]]
-            windows.append(window_statistics(window, task.steps[i + 1 - w : i + 1]))
+            windows.append(_close_window(held, band, task.steps[i + 1 - w : i + 1]))
     out["ensemble_log_var"] = np.asarray([lv for lv, _ in windows], dtype=np.float64)
     out["ensemble_frozen"] = np.asarray([n for _, n in windows], dtype=np.int64)
-    out["dtype"] = task.tensor.dtype
     return out
+
+
+def _close_window(held: deque, band: "_BandTracker", steps) -> tuple[float, int]:
+    """Ensemble statistics of the window of the last len(steps) held slices: from the
+    increments ring when it holds the window's increments and all of it is finite, else from
+    the values (non-finite ones set to 0: those coordinates then count as frozen or fluctuate
+    by the jump, and the caller reports the non-finite count)."""
+    w = len(steps)
+    ref = held[-w][0]
+    if band.finite and band.max_lag >= w - 1 and band.count >= w - 1:
+        rows = [(band.count - 1 - (w - 1 - j)) % band.max_lag for j in range(1, w)]
+        return increment_window_statistics(band.ring, rows, steps, ref, chunk=ref.numel())
+    window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0) for b, ok in list(held)[-w:]]
+    return window_statistics(window, steps)
+
+
+class _BandTracker:
+    """Squared-distance band of a slice, checkpoint after checkpoint, from a ring of increments.
+
+    Each checkpoint's increment (value minus the previous checkpoint's) goes into row
+    ``count % max_lag`` of a (max_lag, n) fp32 ring; one ``torch.mv`` of the ring with it gives
+    its dot products with the last max_lag increments, and ``band_from_increment_dots`` turns
+    those into every lag: ~1 subtraction + max_lag multiply-adds per element instead of max_lag
+    subtractions and reductions. Where the new slice or any of the last max_lag held ones has
+    NaN/Inf, the band is computed directly with ``sq_distance_band`` (which skips them).
+    """
+
+    def __init__(self, max_lag: int, n: int, device: str):
+        self.max_lag, self.count = max_lag, 0  # count: increments written so far
+        self.ring = torch.zeros((max_lag, n), dtype=torch.float32, device=device)
+        self.band = np.full(max_lag, np.nan)  # band of the previous checkpoint
+        self.finite = False  # the last advance saw only finite values (ring rows finite)
+
+    def advance(self, current: torch.Tensor, held: deque, finite: bool) -> np.ndarray:
+        """Band of ``current`` (lags 1..max_lag; NaN beyond the history in ``held``)."""
+        if not held:
+            return self.band  # first checkpoint read: no history (all NaN)
+        slot = self.count % self.max_lag
+        torch.sub(current, held[-1][0], out=self.ring[slot])
+        self.count += 1
+        recent = list(held)[-self.max_lag :]
+        self.finite = finite and all(ok for _, ok in recent)
+        if self.finite:
+            dots = torch.mv(self.ring, self.ring[slot]).cpu().numpy()
+            lags = np.arange(self.max_lag)
+            ordered = np.where(lags < self.count, dots[(slot - lags) % self.max_lag], np.nan)
+            self.band = band_from_increment_dots(self.band, ordered)
+        else:
+            direct = sq_distance_band(current, [b for b, _ in reversed(recent)])
+            self.band = np.concatenate([direct, np.full(self.max_lag - len(direct), np.nan)])
+        return self.band
 
 
 _CHUNK = 1 << 16  # elements reduced in fp32 before accumulating in float64
@@ -149,10 +230,13 @@ def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
     return float(flat.numel() - bad), bad, total, total_sq
 
 
-def _read_block(task: BlockTask, i: int, out: torch.Tensor | None) -> torch.Tensor:
-    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given."""
-    shape = (task.stop - task.start, *task.tensor.shape[1:])
-    return read_rows(task.files[i], task.tensor.name, task.start, task.stop, out=out).reshape(shape)
+def _read_slice(task: BlockTask, i: int, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given,
+    else into a new buffer (F32/BF16/F16: one ``readinto``, no intermediate copy)."""
+    shape = (stop - start, *task.tensor.shape[1:])
+    if out is None:
+        out = torch.empty((stop - start) * task.tensor.row_elems, dtype=torch.float32)
+    return read_rows(task.files[i], task.tensor.name, start, stop, out=out).reshape(shape)
 
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:
@@ -172,12 +256,11 @@ def resolve_device(device: str) -> str:
 
 def finalize_layer(blocks: list[dict]) -> dict:
     """Merge the row blocks of one layer into per-step layer statistics (see docs/INTERNALS.md)."""
-    total = {k: sum(b[k] for b in blocks)
-             for k in ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var", "ensemble_frozen")}
+    total = merge_partials(blocks)
     count = np.where(total["count"] > 0, total["count"], np.nan)
     mean = total["sum"] / count
     var = np.maximum(total["sumsq"] / count - mean**2, 0.0)
-    sample = np.concatenate([b["sample"] for b in blocks], axis=1)
+    sample = total["sample"]
     entropy = np.array([differential_entropy(torch.from_numpy(row)) for row in sample])
     storage = STORAGE_DTYPES.get(blocks[0]["dtype"], torch.float64)
     rounding = np.array([rounding_noise_var(torch.from_numpy(row).to(storage)) for row in sample])

@@ -74,6 +74,26 @@ def sq_distance_band(current: torch.Tensor, previous: list[torch.Tensor]) -> np.
     return np.asarray(totals, dtype=np.float64)
 
 
+def band_from_increment_dots(previous_band: np.ndarray, dots: np.ndarray) -> np.ndarray:
+    """The squared-distance band of checkpoint t from that of t-1 and increment dot products.
+
+    With increments ``delta_t = theta_t - theta_{t-1}``,
+    ``|theta_t - theta_{t-k}|^2 = |theta_{t-1} - theta_{t-(k-1)}|^2 + delta_t.delta_t
+    + 2 sum_{j=1}^{k-1} delta_t.delta_{t-j}`` (expand the sum of the last k increments). So
+    one matrix-vector product of the new increment with the last ``max_lag`` increments gives
+    every lag, instead of one subtraction and reduction per lag (exact algebra; float64 here).
+
+    ``previous_band[k-1]``: band of t-1 at lag k (NaN where t-1 lacks that history);
+    ``dots[j] = delta_t.delta_{t-j}`` for j = 0..max_lag-1 (NaN where delta_{t-j} does not
+    exist). Returns the band of t (weight^2), NaN where t lacks the history. Valid when all the
+    values involved are finite; the caller uses ``sq_distance_band`` otherwise.
+    """
+    previous = np.asarray(previous_band, dtype=np.float64)
+    dots = np.asarray(dots, dtype=np.float64)
+    cross = dots[0] + 2.0 * np.concatenate([[0.0], np.cumsum(dots[1:])])  # lag k: g0 + 2 sum_{j<k} g_j
+    return np.concatenate([[0.0], previous[:-1]]) + cross
+
+
 def _masked_sq_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     """sum (a - b)^2 over the elements finite on both sides (fp32 reduction)."""
     ok = torch.isfinite(a) & torch.isfinite(b)

@@ -8,10 +8,12 @@ per-coordinate linear fit in the step (the fit removes the slow river drift):
 
     S = 0.5 * sum_i ln(2 pi e Var_i)       [nats, extensive]
 
-One implementation: ``window_log_var_sum(values, steps)`` computes sum_i ln Var_i from the
-window's checkpoint values directly. The measure stage keeps the window's row blocks in its lag
-buffer and calls it once when the window closes, so every checkpoint is read once and no
-per-coordinate accumulators are kept; row blocks are additive (sum their values).
+One implementation: ``increment_window_statistics`` computes sum_i ln Var_i (and the frozen
+count) from the window's increments between consecutive checkpoints; ``window_log_var_sum``
+(values, steps) forms the increments and calls it. The measure stage already holds the last
+max_lag increments of each row slice (for the distance band) and passes them when the window
+closes, so every checkpoint is read once and no per-coordinate accumulators are kept; row
+blocks are additive (sum their values).
 ``window_frozen_count`` counts the coordinates that sum excludes as frozen. Only differences
 between windows (same checkpoint count) are meaningful: the diagonal Gaussian ignores
 correlations and the log of a sample variance with k = n_t - 2 degrees of freedom is biased by
@@ -42,50 +44,74 @@ def ensemble_entropy_per_param(log_var_sum, n_params):
     return ensemble_entropy(log_var_sum, n_params) / n_params
 
 
-def _window_chunks(values, steps, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per chunk of coordinates: (residual variance, frozen mask), float64 / bool views of buffers
-    that are reused for the next chunk (consume each pair before advancing).
-
-    Residual variance: unbiased (n_t - 2 dof) variance of each coordinate's residuals about its
-    least-squares line in the step. Frozen: variance <= (eps_fp32 * (|ref| + rms(c)))^2, ref the
-    window's first value and c the centred values (constant or exactly linear coordinates).
-    Float64 throughout: x = values - ref (exact for fp32 / bf16 inputs whose magnitudes are
-    within a factor 2^29), one gemv gives the slopes, then the centred values and the
-    residuals are formed explicitly, so there is no sum-of-squares cancellation. Float64 also
-    makes each coordinate's result independent of where the chunk (or the caller's row block)
-    boundaries fall to ~1e-16 relative (fp32 reductions differ by ~1e-7 between the SIMD body
-    and tail), hence additivity over row blocks.
-    """
-    n_t = len(values)
-    if n_t < 3:
-        raise ValueError(f"ensemble window needs >= 3 checkpoints, got {n_t}")
-    flat = [v.reshape(-1) for v in values]
+def _window_operator(steps) -> tuple[np.ndarray, float]:
+    """((n_t + 1, n_t - 1) operator, stt) acting on a coordinate's n_t - 1 increments
+    (value_j - value_{j-1}): rows 0..n_t-1 give its residuals about the least-squares line in
+    the step ((I - P) C, P the projector onto span{1, step}, C the cumulative sum that turns
+    increments into values minus the first value), the last row its slope. stt = sum of
+    squared centred steps."""
     tau = np.asarray(steps, dtype=np.float64) - float(steps[0])
     tau_c = tau - tau.mean()
     stt = float(tau_c @ tau_c)
-    device, n, f64 = flat[0].device, flat[0].numel(), torch.float64
-    slope_w = torch.tensor(tau_c / stt if stt > 0 else np.zeros(n_t), dtype=f64, device=device)
-    tau_c64 = torch.tensor(tau_c, dtype=f64, device=device)
+    n_t = tau.size
+    basis = np.stack([np.ones(n_t), tau_c], axis=1) if stt > 0 else np.ones((n_t, 1))
+    q, _ = np.linalg.qr(basis)
+    slope_w = tau_c / stt if stt > 0 else np.zeros(n_t)
+    cumulative = np.tril(np.ones((n_t, n_t - 1)), k=-1)  # value_j - value_0 = sum_{i<j} increment_{i+1}
+    return np.vstack([np.eye(n_t) - q @ q.T, slope_w]) @ cumulative, stt
+
+
+def _window_chunks(increments: torch.Tensor, rows, steps, ref: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per chunk of coordinates: (residual variance, frozen mask), fp32 / bool views of buffers
+    that are reused for the next chunk (consume each pair before advancing).
+
+    ``increments``: a (r, n) fp32 tensor whose row ``rows[j-1]`` holds value_j - value_{j-1}
+    of the window (j = 1..n_t-1; other rows are ignored but must be finite); ``ref`` the
+    window's first values. Residual variance: unbiased (n_t - 2 dof) variance of each
+    coordinate's residuals about its least-squares line in the step. Frozen: variance <=
+    (eps_fp32 * (|ref| + rms(c)))^2, c the centred values (constant or exactly linear
+    coordinates). Numerics (fp32): increments of fp32 / bf16 values within a factor 2 of each
+    other are exact (Sterbenz), so a constant coordinate gives exactly 0; residuals and slope
+    come from one (n_t + 1, r) x (r, chunk) product; centred sum of squares = residual sum +
+    slope^2 stt. Rounding error of a residual ~ eps_fp32 |value - ref|: relative error ~1e-7 x
+    (drift over the window / fluctuation) in each coordinate's variance.
+    """
+    n_t = len(steps)
+    if n_t < 3:
+        raise ValueError(f"ensemble window needs >= 3 checkpoints, got {n_t}")
+    operator, stt = _window_operator(steps)
+    scattered = np.zeros((n_t + 1, increments.shape[0]))
+    scattered[:, list(rows)] = operator
+    device, n, f32 = increments.device, increments.shape[1], torch.float32
+    op = torch.tensor(scattered, dtype=f32, device=device)
     m0 = min(chunk, n)
-    x, sq = (torch.empty((n_t, m0), dtype=f64, device=device) for _ in range(2))
-    ref, mean, slope, css, var, scale = (torch.empty(m0, dtype=f64, device=device) for _ in range(6))
+    y = torch.empty((n_t + 1, m0), dtype=f32, device=device)
+    var, scale = (torch.empty(m0, dtype=f32, device=device) for _ in range(2))
     frozen = torch.empty(m0, dtype=torch.bool, device=device)
     for start in range(0, n, chunk):  # reused buffers: no allocation inside the loop
         m = min(chunk, n - start)
-        xs, sqs = x[:, :m], sq[:, :m]
-        ref_, mean_, slope_, css_, var_, scale_, frozen_ = (b[:m] for b in (ref, mean, slope, css, var, scale, frozen))
-        ref_.copy_(flat[0][start : start + m])
-        for j, v in enumerate(flat):
-            xs[j].copy_(v[start : start + m]).sub_(ref_)
-        torch.mean(xs, 0, out=mean_)
-        torch.mv(xs.T, slope_w, out=slope_)  # least-squares slope per coordinate
-        xs -= mean_  # centred values
-        torch.sum(torch.mul(xs, xs, out=sqs), 0, out=css_)
-        xs.addr_(tau_c64, slope_, alpha=-1.0)  # residuals about the fitted line
-        torch.sum(torch.mul(xs, xs, out=sqs), 0, out=var_).div_(n_t - 2.0)
-        torch.abs(ref_, out=scale_).add_(css_.div_(n_t).sqrt_()).mul_(FP32_EPS).square_()
+        ys, var_, scale_, frozen_ = y[:, :m], var[:m], scale[:m], frozen[:m]
+        torch.mm(op, increments[:, start : start + m], out=ys)
+        resid, slope = ys[:n_t], ys[n_t]
+        torch.sum(resid.mul_(resid), 0, out=var_)  # residual sum of squares
+        torch.addcmul(var_, slope, slope, value=stt, out=scale_).div_(n_t).sqrt_()  # rms(c)
+        scale_.add_(ref[start : start + m].abs()).mul_(FP32_EPS).square_()
+        var_.div_(n_t - 2.0)
         torch.le(var_, scale_, out=frozen_)
         yield var_, frozen_
+
+
+def increment_window_statistics(increments: torch.Tensor, rows, steps, ref: torch.Tensor,
+                                chunk: int = 1 << 15) -> tuple[float, int]:
+    """(sum_i ln Var_i over non-frozen coordinates, frozen count) of a window given as
+    increments: row ``rows[j-1]`` of the (r, n) fp32 ``increments`` holds value_j -
+    value_{j-1} (j = 1..n_t-1), ``ref`` (n,) the first values, ``steps`` the n_t steps. The
+    measure stage passes its ring of increments as is (no copy). See ``window_statistics``."""
+    total, n_frozen = 0.0, 0
+    for var, frozen in _window_chunks(increments, rows, steps, ref.reshape(-1), chunk):
+        n_frozen += int(frozen.sum())
+        total += float(var.masked_fill_(frozen, 1.0).log_().sum())  # fp32 per chunk, float64 across
+    return total, n_frozen
 
 
 def window_log_var_sum(values, steps, chunk: int = 1 << 15) -> float:
@@ -99,9 +125,10 @@ def window_log_var_sum(values, steps, chunk: int = 1 << 15) -> float:
     motion) are excluded; count them with ``window_frozen_count``. Additive over disjoint sets
     of coordinates (row blocks). Raises ValueError with fewer than 3 checkpoints.
 
-    Numerics: residuals and centred values are formed explicitly in float64 per chunk of
-    ``chunk`` coordinates (see ``_window_chunks``), ln Var_i and its sum in float64; buffers
-    are reused across chunks (memory ~ 2 n_t chunk x 8 B). Works on the values' device.
+    Numerics: fp32 per chunk of ``chunk`` coordinates (see ``_window_chunks``): ln Var_i
+    summed in fp32 within a chunk, chunk sums in float64 (relative error ~1e-7 of the total,
+    so sums over row blocks agree with the whole to ~1e-7); buffers are reused across chunks
+    (memory ~ (n_t + 1) chunk x 4 B plus the window's increments). Works on the values' device.
     """
     return window_statistics(values, steps, chunk)[0]
 
@@ -112,9 +139,10 @@ def window_frozen_count(values, steps, chunk: int = 1 << 15) -> int:
 
 
 def window_statistics(values, steps, chunk: int = 1 << 15) -> tuple[float, int]:
-    """(``window_log_var_sum``, ``window_frozen_count``) in one pass over the window."""
-    total, n_frozen = 0.0, 0
-    for var, frozen in _window_chunks(values, steps, chunk):
-        n_frozen += int(frozen.sum())
-        total += float(var.masked_fill_(frozen, 1.0).log_().sum(dtype=torch.float64))
-    return total, n_frozen
+    """(``window_log_var_sum``, ``window_frozen_count``) in one pass over the window, from the
+    values of its checkpoints (one tensor each; their increments are formed here)."""
+    if len(values) < 3:
+        raise ValueError(f"ensemble window needs >= 3 checkpoints, got {len(values)}")
+    flat = [v.reshape(-1).to(torch.float32) for v in values]
+    increments = torch.stack([b - a for a, b in zip(flat, flat[1:])])
+    return increment_window_statistics(increments, range(len(flat) - 1), steps, flat[0], chunk)
