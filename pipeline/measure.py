@@ -36,7 +36,7 @@ class MeasureSettings:
     block_elems: int = 2**22  # elements per row block: memory per task ~ block x 4 B x (max(max_lag, ensemble_window) + 1)
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
     spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
-    slice_elems: int = 2**16  # elements per cache slice of a block (its lag buffer stays in cache)
+    slice_elems: int = 2**17  # elements per cache slice of a block (its lag buffer stays in cache)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
 
@@ -89,7 +89,8 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     """
     spectral = settings.spectral and len(task.tensor.shape) >= 2
     per_slice = task.stop - task.start if spectral else max(1, settings.slice_elems // task.tensor.row_elems)
-    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings)
+    space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
+    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space)
              for a in range(task.start, task.stop, per_slice)]
     out = merge_partials(parts)
     if spectral:
@@ -109,15 +110,36 @@ def merge_partials(parts: list[dict]) -> dict:
     return merged
 
 
-def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings) -> dict:
+class _Workspace:
+    """Buffers of one task, allocated once and reused by every slice (no allocation, hence no
+    page faults, per slice or per checkpoint): ``values`` holds max(max_lag, ensemble_window)
+    + 1 slices (checkpoint i is read into row i mod that count, evicting the oldest held one),
+    ``ring`` the last max_lag increments; ``staging`` is the host buffer for a GPU worker."""
+
+    def __init__(self, settings: MeasureSettings, capacity: int):
+        self.device = resolve_device(settings.device)
+        n_values = max(settings.max_lag, settings.ensemble_window) + 1
+        self.values = torch.empty((n_values, capacity), dtype=torch.float32, device=self.device)
+        self.ring = torch.empty((settings.max_lag, capacity), dtype=torch.float32, device=self.device)
+        self.staging = torch.empty(capacity, dtype=torch.float32) if self.device != "cpu" else None
+
+    def read(self, task: BlockTask, i: int, start: int, stop: int, slot: int) -> torch.Tensor:
+        """Rows [start, stop) of checkpoint ``i`` as fp32 in row ``slot`` of ``values`` (flat)."""
+        n = (stop - start) * task.tensor.row_elems
+        target = self.values[slot, :n]
+        if self.staging is None:
+            return read_rows(task.files[i], task.tensor.name, start, stop, out=target).reshape(-1)
+        return target.copy_(read_rows(task.files[i], task.tensor.name, start, stop, out=self.staging[:n]).reshape(-1))
+
+
+def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings, space: _Workspace) -> dict:
     """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice).
 
-    Memory: max(max_lag, ensemble_window) + 1 fp32 slices of values, reused from checkpoint to
-    checkpoint (each checkpoint is read straight into the oldest one), plus a ring of the last
-    ``max_lag`` increments (``_BandTracker``); the ensemble window is computed from the held
-    slices when it closes, so no per-coordinate accumulators are kept.
+    Memory: the task's ``_Workspace`` (max(max_lag, ensemble_window) + 1 value slices and a
+    ring of the last ``max_lag`` increments, ``_BandTracker``); the ensemble window is computed
+    from the ring when it closes, so no per-coordinate accumulators are kept.
     """
-    device = resolve_device(settings.device)
+    device = space.device
     first, read_from = task.resume_from, task.read_from(settings)
     w = settings.ensemble_window
     n_out = len(task.files) - first
@@ -134,11 +156,10 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     if spectral:
         out["spectral"] = np.full((n_out, 2), np.nan)
     held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (slice, finite)
-    band = _BandTracker(settings.max_lag, n_slice, device)
-    windows, spare = [], None  # spare: the slice that left ``held`` last, read into next
+    band = _BandTracker(space.ring[:, :n_slice])
+    windows = []
     for i in range(read_from, len(task.files)):
-        block = _read_slice(task, i, start, stop, spare).to(device)
-        flat = block.reshape(-1)
+        flat = space.read(task, i, start, stop, (i - read_from) % space.values.shape[0])
         moments = _moments(flat)
         band_row = band.advance(flat, held, moments[1] == 0)
         if i >= first:
@@ -147,9 +168,7 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
             out["sample"][j] = flat[pick].cpu().numpy()
             out["sq_distance"][j] = band_row
             if spectral and moments[1] == 0:
-                out["spectral"][j] = _spectral(block)
-        if len(held) == held.maxlen and device == "cpu":
-            spare = held[0][0]  # evicted by the append below
+                out["spectral"][j] = _spectral(flat.reshape(stop - start, -1))
         held.append((flat, moments[1] == 0))
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
             windows.append(_close_window(held, band, task.steps[i + 1 - w : i + 1]))
@@ -167,7 +186,8 @@ def _close_window(held: deque, band: "_BandTracker", steps) -> tuple[float, int]
     ref = held[-w][0]
     if band.finite and band.max_lag >= w - 1 and band.count >= w - 1:
         rows = [(band.count - 1 - (w - 1 - j)) % band.max_lag for j in range(1, w)]
-        return increment_window_statistics(band.ring, rows, steps, ref, chunk=ref.numel())
+        written = band.ring[: min(band.count, band.max_lag)]  # rows of this slice's increments
+        return increment_window_statistics(written, rows, steps, ref, chunk=ref.numel())
     window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0) for b, ok in list(held)[-w:]]
     return window_statistics(window, steps)
 
@@ -183,10 +203,10 @@ class _BandTracker:
     NaN/Inf, the band is computed directly with ``sq_distance_band`` (which skips them).
     """
 
-    def __init__(self, max_lag: int, n: int, device: str):
-        self.max_lag, self.count = max_lag, 0  # count: increments written so far
-        self.ring = torch.zeros((max_lag, n), dtype=torch.float32, device=device)
-        self.band = np.full(max_lag, np.nan)  # band of the previous checkpoint
+    def __init__(self, ring: torch.Tensor):
+        self.ring = ring  # (max_lag, n); rows not yet written hold stale values, never used
+        self.max_lag, self.count = ring.shape[0], 0  # count: increments written so far
+        self.band = np.full(self.max_lag, np.nan)  # band of the previous checkpoint
         self.finite = False  # the last advance saw only finite values (ring rows finite)
 
     def advance(self, current: torch.Tensor, held: deque, finite: bool) -> np.ndarray:
@@ -228,15 +248,6 @@ def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
         total += s
         total_sq += ss
     return float(flat.numel() - bad), bad, total, total_sq
-
-
-def _read_slice(task: BlockTask, i: int, start: int, stop: int, out: torch.Tensor | None) -> torch.Tensor:
-    """Rows [start, stop) of checkpoint ``i`` as fp32, read into ``out`` (reused) when given,
-    else into a new buffer (F32/BF16/F16: one ``readinto``, no intermediate copy)."""
-    shape = (stop - start, *task.tensor.shape[1:])
-    if out is None:
-        out = torch.empty((stop - start) * task.tensor.row_elems, dtype=torch.float32)
-    return read_rows(task.files[i], task.tensor.name, start, stop, out=out).reshape(shape)
 
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:

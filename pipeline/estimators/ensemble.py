@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ def ensemble_entropy_per_param(log_var_sum, n_params):
     return ensemble_entropy(log_var_sum, n_params) / n_params
 
 
-def _window_operator(steps) -> tuple[np.ndarray, float]:
+@lru_cache(maxsize=64)
+def _window_operator(steps: tuple) -> tuple[np.ndarray, float]:
     """((n_t + 1, n_t - 1) operator, stt) acting on a coordinate's n_t - 1 increments
     (value_j - value_{j-1}): rows 0..n_t-1 give its residuals about the least-squares line in
     the step ((I - P) C, P the projector onto span{1, step}, C the cumulative sum that turns
@@ -79,7 +81,7 @@ def _window_chunks(increments: torch.Tensor, rows, steps, ref: torch.Tensor, chu
     n_t = len(steps)
     if n_t < 3:
         raise ValueError(f"ensemble window needs >= 3 checkpoints, got {n_t}")
-    operator, stt = _window_operator(steps)
+    operator, stt = _window_operator(tuple(float(s) for s in steps))
     scattered = np.zeros((n_t + 1, increments.shape[0]))
     scattered[:, list(rows)] = operator
     device, n, f32 = increments.device, increments.shape[1], torch.float32
