@@ -55,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-bad", action="store_true", help="skip unreadable checkpoints, record why")
     a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
-    a.add_argument("--threads", action="store_true",
-                   help="local workers as threads of this process (faster start-up)")
+    workers = a.add_mutually_exclusive_group()
+    workers.add_argument("--threads", action="store_true",
+                         help="local workers as threads of this process (starts ~5 s faster; default below "
+                              "dask.threads_below_gb of reading)")
+    workers.add_argument("--processes", action="store_true",
+                         help="local workers as processes (faster on large series; default above it)")
     a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
@@ -90,7 +94,7 @@ def _analyze(args, progress) -> dict:
     cluster = cluster_settings(params)
     cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
                       n_workers=args.workers or cluster.n_workers,
-                      processes=cluster.processes and not args.threads)
+                      processes=False if args.threads else True if args.processes else cluster.processes)
     store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
                     skip_bad=skip, cache_dir=args.cache, progress=progress, manifest=manifest)
     return {"store": str(store)}

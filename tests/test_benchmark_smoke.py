@@ -36,8 +36,9 @@ def test_series_raw_rate_and_fit(tmp_path):
     assert set(a) == set(bench.layer_shapes(0.05 * bench.MB, 2)) and a["layers.0.mlp.up.weight"].dtype == torch.bfloat16
     step = (b["layers.0.mlp.up.weight"].float() - a["layers.0.mlp.up.weight"].float()).std().item()
     assert step == pytest.approx(1e-3, rel=0.2)  # the random walk's step (bf16 rounding adds a little)
-    raw = bench.raw_read_rate(files, buffer_bytes=4096, repeats=1)
+    raw = bench.raw_read_rate(files, buffers=(4096, 65536), repeats=1)
     assert raw["bytes"] == sum(f.stat().st_size for f in files) and raw["raw_bytes_per_s"] > 0
+    assert raw["raw_bytes_per_s"] == max(raw["raw_by_buffer"].values()) and len(raw["raw_by_buffer"]) == 2
     fit = bench.linear_fit([1, 2, 3], [3.0, 5.0, 7.0])
     assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
     e, r = bench.ww_formulas(np.diag([3.0, 4.0]))

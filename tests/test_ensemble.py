@@ -51,7 +51,7 @@ def test_additive_over_row_blocks():
     steps, theta, _ = _window(n=3000, n_t=20, seed=1)
     whole = window_log_var_sum(_rows(theta), steps, chunk=1024)
     parts = sum(window_log_var_sum(_rows(theta, slice(a, a + 1000)), steps, chunk=1024) for a in (0, 1000, 2000))
-    assert parts == pytest.approx(whole, rel=1e-12, abs=1e-9)
+    assert parts == pytest.approx(whole, rel=1e-6)  # fp32 per-chunk log sums (METHODS.md: ~1e-7)
 
 
 def test_no_cancellation_far_from_zero():

@@ -19,7 +19,7 @@ from pipeline.measure import MeasureSettings
 from pipeline.parallel import ClusterSettings
 
 SETTINGS = MeasureSettings(max_lag=4, entropy_sample=4096, ensemble_window=4, block_elems=16)
-LOCAL = ClusterSettings(n_workers=2)
+LOCAL = ClusterSettings(n_workers=2, processes=True)  # worker processes, as on large series
 
 
 def _run_node(store) -> xr.Dataset:
@@ -118,3 +118,13 @@ def test_adding_checkpoints_measures_only_new_ones_and_matches_full_run(tmp_path
     assert int(incremental.nonfinite_count.sum()) == 0
     xr.testing.assert_allclose(incremental.drop_attrs(), full.drop_attrs(), rtol=1e-12)
     assert incremental.sizes["step"] == 13
+
+
+def test_auto_workers_are_threads_for_small_jobs_and_processes_for_large():
+    from pipeline.parallel import for_workload
+
+    auto = ClusterSettings(threads_below_gb=4.0)
+    assert for_workload(auto, 10**9).processes is False  # 1 GB: start-up dominates
+    assert for_workload(auto, 5 * 10**9).processes is True
+    assert for_workload(ClusterSettings(processes=True), 10).processes is True  # explicit wins
+    assert for_workload(ClusterSettings(processes=False), 10**12).processes is False
