@@ -161,7 +161,7 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     for i in range(read_from, len(task.files)):
         flat = space.read(task, i, start, stop, (i - read_from) % space.values.shape[0])
         moments = _moments(flat)
-        band_row = band.advance(flat, held, moments[1] == 0)
+        band_row = band.advance(flat, held, moments[1] == 0, need_band=i >= first)
         if i >= first:
             j = i - first
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
@@ -201,6 +201,8 @@ class _BandTracker:
     those into every lag: ~1 subtraction + max_lag multiply-adds per element instead of max_lag
     subtractions and reductions. Where the new slice or any of the last max_lag held ones has
     NaN/Inf, the band is computed directly with ``sq_distance_band`` (which skips them).
+    Checkpoints read only to prime a resumed task (``need_band=False``) just store their
+    increment; the first band needed after them is computed directly and seeds the recursion.
     """
 
     def __init__(self, ring: torch.Tensor):
@@ -209,8 +211,9 @@ class _BandTracker:
         self.band = np.full(self.max_lag, np.nan)  # band of the previous checkpoint
         self.finite = False  # the last advance saw only finite values (ring rows finite)
 
-    def advance(self, current: torch.Tensor, held: deque, finite: bool) -> np.ndarray:
-        """Band of ``current`` (lags 1..max_lag; NaN beyond the history in ``held``)."""
+    def advance(self, current: torch.Tensor, held: deque, finite: bool, need_band: bool = True) -> np.ndarray | None:
+        """Band of ``current`` (lags 1..max_lag; NaN beyond the history in ``held``); None
+        when not ``need_band``."""
         if not held:
             return self.band  # first checkpoint read: no history (all NaN)
         slot = self.count % self.max_lag
@@ -218,7 +221,9 @@ class _BandTracker:
         self.count += 1
         recent = list(held)[-self.max_lag :]
         self.finite = finite and all(ok for _, ok in recent)
-        if self.finite:
+        if not need_band:
+            self.band = None  # unknown: the next needed band is computed directly
+        elif self.finite and self.band is not None:
             dots = torch.mv(self.ring, self.ring[slot]).cpu().numpy()
             lags = np.arange(self.max_lag)
             ordered = np.where(lags < self.count, dots[(slot - lags) % self.max_lag], np.nan)
