@@ -257,10 +257,10 @@ def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:
     """(spectral entropy, stable rank) of a whole 2-D+ weight (flattened to rows x rest)."""
-    from .estimators.spectral import singular_values, spectral_metrics  # optional SVD path
+    from .estimators.spectral import singular_values_via_gram, spectral_metrics  # optional path
 
     matrix = block.reshape(block.shape[0], -1)
-    return spectral_metrics(singular_values(matrix), *matrix.shape)
+    return spectral_metrics(singular_values_via_gram(matrix), *matrix.shape)
 
 
 def resolve_device(device: str) -> str:

@@ -116,7 +116,9 @@ def test_adding_checkpoints_measures_only_new_ones_and_matches_full_run(tmp_path
     incremental = _run_node(analyze(tmp_path / "run", tmp_path / "b.zarr", SETTINGS, shared, cache_dir=cache))
     full = _run_node(analyze(tmp_path / "pristine", tmp_path / "c.zarr", SETTINGS, shared, cache_dir=tmp_path / "fresh"))
     assert int(incremental.nonfinite_count.sum()) == 0
-    xr.testing.assert_allclose(incremental.drop_attrs(), full.drop_attrs(), rtol=1e-12)
+    # the resumed band starts from a direct fp32 sum where the full run continues its increment
+    # recursion (METHODS.md, measurement primitive): equal to fp32 precision
+    xr.testing.assert_allclose(incremental.drop_attrs(), full.drop_attrs(), rtol=1e-5)
     assert incremental.sizes["step"] == 13
 
 

@@ -119,3 +119,18 @@ def test_singular_values_sorted_descending():
 def test_vector_rejected():
     with pytest.raises(ValueError):
         singular_values(torch.ones(5))
+
+
+def test_singular_values_via_gram_matches_svd_and_falls_back_when_unresolved():
+    """Random wide matrix: the Gram path of the smaller side equals svdvals (rtol 1e-10). A
+    rank-3 product stored in fp32 has rounding singular values ~1e-7 max(s), below the Gram
+    floor: the function falls back to svdvals so the rank count (40) is WeightWatcher's."""
+    from pipeline.estimators.spectral import singular_values_via_gram
+
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(30, 90, generator=g)
+    torch.testing.assert_close(singular_values_via_gram(wide), singular_values(wide), rtol=1e-10, atol=1e-12)
+    low = (torch.randn(48, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64)).float()
+    s = singular_values_via_gram(low)
+    torch.testing.assert_close(s, singular_values(low), rtol=1e-10, atol=1e-12)
+    assert int((s > s.max() * 48 * torch.finfo(torch.float64).eps).sum()) == 40

