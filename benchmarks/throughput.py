@@ -477,7 +477,7 @@ def main(argv=None) -> int:
             elif mode == "big":
                 results[mode] = big(root, workers=args.workers)
             else:
-                results[mode] = spectral_baselines(root, dtype=args.dtype, workers=args.workers)
+                results[mode] = spectral_baselines(root, args.size, args.checkpoints, dtype=args.dtype, workers=args.workers)
             print(format_tables({mode: results[mode]}), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

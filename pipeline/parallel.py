@@ -31,11 +31,11 @@ class ClusterSettings:
     memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
     gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
     processes: bool | str = "auto"  # local workers as processes, threads (False), or "auto"
-    threads_below_gb: float = 4.0  # "auto": threads when less than this is to be read (GB)
+    threads_below_gb: float = 4.0  # "auto": threads when less than this is to be measured (GB)
 
 
 def for_workload(settings: ClusterSettings, n_bytes: int) -> ClusterSettings:
-    """Resolve ``processes="auto"`` for a job that reads ``n_bytes``: thread workers start
+    """Resolve ``processes="auto"`` for a job that measures ``n_bytes``: thread workers start
     ~5 s faster (no worker processes importing torch) but share the GIL (~0.35 vs ~0.55 GB/s
     on 2 cores, benchmarks/RESULTS.md), so they win below a few GB: small series and the
     incremental rerun after adding a checkpoint."""
