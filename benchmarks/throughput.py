@@ -260,8 +260,10 @@ def memory(root: Path, size_mb=1024, counts=(4, 12), dtype="fp32", workers=None)
     return {"size_mb": size_mb, "dtype": dtype, "n_params": s.n_params, "rows": rows}
 
 
-def scaling(root: Path, size_mb=256, counts=(2, 4, 8), sizes=(64, 128, 256), n=4, dtype="fp32", workers=None) -> dict:
-    """Wall time vs checkpoint count (fixed size) and vs parameter count (fixed count), with fits."""
+def scaling(root: Path, size_mb=256, counts=(8, 12, 16), sizes=(64, 128, 256), n=8, dtype="fp32", workers=None) -> dict:
+    """Wall time vs checkpoint count (fixed size) and vs parameter count (fixed count), with fits.
+    Counts start at max_lag = ensemble_window = 8: below that the work per checkpoint still grows
+    (fewer lags in the band, no ensemble window closed), so shorter series are not steady state."""
     s = Series(root / "count", size_mb, dtype)
     by_count = []
     for c in counts:
@@ -453,13 +455,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--spectral", action="store_true", help="also time analyze --spectral")
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--threads", action="store_true", help="pass --threads to analyze (thread workers)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--threads", action="store_true", help="pass --threads to analyze (thread workers)")
+    kind.add_argument("--processes", action="store_true",
+                      help="pass --processes to analyze (worker processes at every size: one regime for scaling fits)")
     p.add_argument("--mode", default="throughput",
                    choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "all"])
     p.add_argument("--dir", default=None, help="where to write the series (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
-    ANALYZE_EXTRA_ARGS[:] = ["--threads"] if args.threads else []
+    ANALYZE_EXTRA_ARGS[:] = ["--threads"] if args.threads else ["--processes"] if args.processes else []
     root = Path(tempfile.mkdtemp(prefix="thermoscope-bench-", dir=args.dir))
     modes = ["throughput", "incremental", "memory", "scaling", "spectral", "big"] if args.mode == "all" else [args.mode]
     results = {"machine": machine(), "argv": sys.argv, "startup": startup(root, args.workers)}
