@@ -1,10 +1,11 @@
 """Streaming measurement of one (run, layer, row block): each checkpoint byte is read once.
 
-A task receives file paths (never open handles), walks the checkpoints in step order and keeps
-only what the estimators need: the current block, the previous ``max_lag`` blocks (for the
-squared-distance band), per-coordinate ensemble-window accumulators and a fixed random subsample
-of coordinates (for the value-distribution entropy). It returns small per-step arrays.
-``finalize_layer`` merges the blocks of one layer into per-step layer statistics.
+A task receives file paths (never open handles) and walks its row block in cache-sized slices;
+each slice goes through the checkpoints in step order keeping only what the estimators need:
+the last max(max_lag, ensemble_window) + 1 values and the last ``max_lag`` increments (for the
+squared-distance band and the ensemble windows) and a fixed random subsample of coordinates
+(for the value-distribution entropy). It returns small per-step arrays. ``finalize_layer``
+merges the blocks of one layer into per-step layer statistics.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ class MeasureSettings:
 
     max_lag: int = 8  # checkpoints back for the squared-distance band
     entropy_sample: int = 2**16  # coordinates per layer for the entropy (same at every step; ~3e-3 nats)
-    block_elems: int = 2**22  # elements per row block: memory per task ~ block x 4 B x (max(max_lag, ensemble_window) + 1)
+    block_elems: int = 2**22  # elements per row block: one Dask task, the unit of parallelism
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
     spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
-    slice_elems: int = 2**17  # elements per cache slice of a block (its lag buffer stays in cache)
+    slice_elems: int = 2**17  # elements per cache slice; task memory ~ slice x 4 B x (max_lag + max(max_lag, ensemble_window) + 1)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
 
