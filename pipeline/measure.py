@@ -36,7 +36,7 @@ class MeasureSettings:
     entropy_sample: int = 2**16  # coordinates per layer for the entropy (same at every step; ~3e-3 nats)
     block_elems: int = 2**22  # elements per row block: one Dask task, the unit of parallelism
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
-    spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block)
+    spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block, read once more per checkpoint)
     slice_elems: int = 2**17  # elements per cache slice; task memory ~ slice x 4 B x (max_lag + max(max_lag, ensemble_window) + 1)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
@@ -83,20 +83,34 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     completed window starting at or after the window containing ``resume_from``.
 
     Cache blocking: the block is walked in slices of about ``slice_elems`` elements, each slice
-    streamed through all checkpoints before the next, so the slice's lag buffer (max_lag + 1
-    slices) stays in the CPU cache while the band and the ensemble window are computed; each
-    checkpoint byte is still read once. A spectral layer is one slice (the SVD needs the whole
-    matrix). All statistics are additive over slices (``merge_partials``).
+    streamed through all checkpoints before the next, so the slice's lag buffer stays in the CPU
+    cache while the band and the ensemble window are computed; each checkpoint byte is read
+    once. All statistics are additive over slices (``merge_partials``). With ``spectral`` a 2-D
+    layer is one block and its SVD metrics need the whole matrix: ``_spectral_series`` reads it
+    once more per checkpoint into one buffer (the only second read; memory one fp32 copy plus
+    the float64 Gram work, instead of a lag buffer of whole matrices).
     """
-    spectral = settings.spectral and len(task.tensor.shape) >= 2
-    per_slice = task.stop - task.start if spectral else max(1, settings.slice_elems // task.tensor.row_elems)
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
     parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space)
              for a in range(task.start, task.stop, per_slice)]
     out = merge_partials(parts)
-    if spectral:
-        out["spectral"] = parts[0]["spectral"]
+    if settings.spectral and len(task.tensor.shape) >= 2:
+        out["spectral"] = _spectral_series(task, out["nonfinite"] == 0, resolve_device(settings.device))
     out["dtype"] = task.tensor.dtype
+    return out
+
+
+def _spectral_series(task: BlockTask, finite: np.ndarray, device: str) -> np.ndarray:
+    """(spectral entropy, stable rank) per checkpoint from ``resume_from`` on, of the whole 2-D
+    layer (``layer_blocks`` makes it one block); NaN where the checkpoint has NaN/Inf in it."""
+    first = task.resume_from
+    out = np.full((len(task.files) - first, 2), np.nan)
+    buffer = torch.empty(task.tensor.n_params, dtype=torch.float32)
+    for j, i in enumerate(range(first, len(task.files))):
+        if finite[j]:
+            matrix = read_rows(task.files[i], task.tensor.name, task.start, task.stop, out=buffer)
+            out[j] = _spectral(matrix.reshape(task.stop - task.start, -1).to(device))
     return out
 
 
@@ -153,9 +167,6 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
         "sq_distance": np.full((n_out, settings.max_lag), np.nan),
         "sample": np.zeros((n_out, len(pick)), dtype=np.float32),
     }
-    spectral = settings.spectral and len(task.tensor.shape) >= 2
-    if spectral:
-        out["spectral"] = np.full((n_out, 2), np.nan)
     held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (slice, finite)
     band = _BandTracker(space.ring[:, :n_slice])
     windows = []
@@ -168,8 +179,6 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
             out["sample"][j] = flat[pick].cpu().numpy()
             out["sq_distance"][j] = band_row
-            if spectral and moments[1] == 0:
-                out["spectral"][j] = _spectral(flat.reshape(stop - start, -1))
         held.append((flat, moments[1] == 0))
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
             windows.append(_close_window(held, band, task.steps[i + 1 - w : i + 1]))

@@ -125,3 +125,19 @@ def test_increment_statistics_read_a_permuted_ring():
     want = window_statistics(values, steps)
     assert got[1] == want[1]
     assert got[0] == pytest.approx(want[0], rel=1e-6)
+
+
+def test_spectral_metrics_per_checkpoint_with_sliced_statistics(tmp_path):
+    """--spectral: the block statistics still come from cache slices (here 5 rows), the SVD
+    metrics from the whole matrix read once more per checkpoint; NaN where it has NaN/Inf."""
+    from pipeline.estimators.spectral import singular_values, spectral_metrics
+
+    values, files, steps = _series(tmp_path, nan_at=(4, 10, 3))
+    settings = MeasureSettings(max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=200, spectral=True)
+    out = measure_block(_task(files, steps), settings)
+    for i, v in enumerate(values):
+        if i == 4:
+            assert np.isnan(out["spectral"][i]).all()
+        else:
+            np.testing.assert_allclose(out["spectral"][i], spectral_metrics(singular_values(v), ROWS, COLS), rtol=1e-10)
+    np.testing.assert_allclose(out["sq_distance"], _direct_band(values, 5), rtol=1e-5)
