@@ -36,9 +36,10 @@ class ClusterSettings:
 
 def for_workload(settings: ClusterSettings, n_bytes: int) -> ClusterSettings:
     """Resolve ``processes="auto"`` for a job that measures ``n_bytes``: thread workers start
-    ~5 s faster (no worker processes importing torch) but share the GIL (~0.35 vs ~0.55 GB/s
-    on 2 cores, benchmarks/RESULTS.md), so they win below a few GB: small series and the
-    incremental rerun after adding a checkpoint."""
+    ~5 s faster (no worker processes importing torch; start-up 5-7 s vs ~11 s in
+    benchmarks/RESULTS.md) but share the GIL, so they measure more slowly on large series; they
+    win below a few GB: small series and the rerun after adding a checkpoint (13.0 s with
+    threads vs 15.7 s with processes, RESULTS.md section 2)."""
     if settings.processes != "auto":
         return settings
     return replace(settings, processes=n_bytes >= settings.threads_below_gb * 1e9)
