@@ -15,6 +15,7 @@ import traceback
 import warnings
 from dataclasses import replace
 
+from . import forkserver
 from .errors import ThermoscopeError
 
 EPILOG = """examples:
@@ -84,6 +85,9 @@ def _analyze(args, progress) -> dict:
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
     manifest = discover(args.path, skip_bad=skip)
+    dask_params = params.get("dask") or {}  # worker processes may be forked: start their imports now
+    forkserver.start_early(False if args.threads else dask_params.get("processes", "auto"),
+                           args.scheduler or dask_params.get("scheduler_address"))
 
     from .analyze import analyze
     from .params import cluster_settings, measure_settings

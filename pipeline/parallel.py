@@ -19,6 +19,7 @@ import dask
 import torch
 from distributed import Client, LocalCluster, as_completed
 
+from . import forkserver
 from .measure import BlockTask, MeasureSettings, finalize_layer, measure_block
 
 
@@ -57,16 +58,24 @@ def dask_client(settings: ClusterSettings) -> Iterator[Client]:
         with Client(address) as client:
             yield client
         return
-    with _local_cluster(settings) as cluster, Client(cluster) as client:
+    with _local_cluster(settings) as cluster, _torch_threads(settings), Client(cluster) as client:
         yield client
 
 
-# glibc malloc in the worker processes: Dask's default MALLOC_TRIM_THRESHOLD_ (64 KiB) returns
-# freed memory at once and, being set, turns off glibc's adaptive mmap threshold, so every
-# temporary above 128 KiB (MKL's packing buffers, a slice's scratch) is a fresh mmap that is
-# page-faulted in again: ~40% of a measure task's time. Worker memory is bounded by design
-# (a task holds ~ (2 max_lag + 2) slices), so keep freed memory up to 64 MiB for reuse.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+@contextlib.contextmanager
+def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
+    """Thread workers share this process's torch: one intra-op thread per task while they run,
+    as worker processes have (else each concurrent task starts an OpenMP team of all cores:
+    oversubscribed and slower, 7.3 s vs 6.5 s for the measure phase of a rerun)."""
+    if settings.processes:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _local_cluster(settings: ClusterSettings):
@@ -76,8 +85,12 @@ def _local_cluster(settings: ClusterSettings):
 
         return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC.items()}):
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=settings.processes,
+    if not settings.processes:
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=False,
+                            memory_limit=settings.memory_limit, **quiet)
+    forkserver.start()  # no-op when the caller started it early
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                             memory_limit=settings.memory_limit, **quiet)
 
 

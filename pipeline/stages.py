@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import forkserver
 from .atomic import write_text
 from .errors import ThermoscopeError
 from .manifest import Manifest
@@ -27,13 +28,15 @@ def index(params: dict) -> None:
 
 def measure(params: dict) -> None:
     """Stream every layer through its checkpoints on the Dask cluster -> measured store."""
+    cluster = cluster_settings(params)
+    forkserver.start_early(cluster.processes, cluster.scheduler_address)
     from .analyze import measure_manifest, measured_tree
     from .progress import progress_printer
     from .store import write_tree
 
     manifest = Manifest.from_json(Path(params["paths"]["manifest"]).read_text())
     settings = measure_settings(params)
-    results = measure_manifest(manifest, settings, cluster_settings(params),
+    results = measure_manifest(manifest, settings, cluster,
                                params["paths"]["cache"], progress_printer())
     write_tree(measured_tree(manifest, results, settings), params["paths"]["measured"])
 

@@ -1,0 +1,60 @@
+"""Worker processes that start without importing torch again: one multiprocessing forkserver.
+
+A local Dask cluster of worker processes normally spawns each worker, and each then imports
+numpy, torch and distributed (~3 s here, and the main process has just done the same).
+``start`` launches one forkserver that imports them once, in the worker environment (one
+OpenMP/BLAS thread per worker process, the glibc malloc settings below); ``parallel`` then
+has Dask's nannies fork their workers from it (``distributed.worker.multiprocessing-method:
+forkserver``), which takes ~0.1 s each. Started early (before the main process imports torch
+and xarray) the server's imports run on the otherwise idle second core; it lives until this
+process exits and serves every later cluster (tests start many). Light: stdlib only.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+
+PRELOAD = ["numpy", "torch", "distributed", "pipeline.measure"]
+
+# glibc malloc in the worker processes: Dask's default MALLOC_TRIM_THRESHOLD_ (64 KiB) returns
+# freed memory at once and, being set, turns off glibc's adaptive mmap threshold, so every
+# temporary above 128 KiB (MKL's packing buffers, a slice's scratch) is a fresh mmap that is
+# page-faulted in again: ~40% of a measure task's time. Worker memory is bounded by design
+# (a task holds ~ (2 max_lag + 2) slices), so keep freed memory up to 64 MiB for reuse.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# one thread per worker process (parallelism is across tasks), as Dask sets for spawned workers
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+_started = False
+
+
+def start() -> None:
+    """Launch the forkserver with ``PRELOAD`` imported and the worker environment (no-op when
+    already started). Returns at once: the imports run in the server."""
+    global _started
+    if _started:
+        return
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    env = {**WORKER_MALLOC, **WORKER_THREADS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the server (and so every worker) starts with these; this process keeps its own
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _started = True
+
+
+def start_early(processes: bool | str, scheduler_address: str | None) -> None:
+    """``start`` unless this run will not fork local workers: thread workers forced
+    (``processes`` False) or a scheduler to join (argument or ``DASK_SCHEDULER_ADDRESS``).
+    With ``processes="auto"`` it starts: the server costs an idle core's time while this
+    process imports, and is simply unused when the run picks thread workers."""
+    if processes is not False and not (scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+        start()
