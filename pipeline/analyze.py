@@ -19,8 +19,7 @@ from .cache import LayerCache, merge
 from .discovery import discover
 from .manifest import Manifest, Run
 from .measure import BlockTask, MeasureSettings, layer_blocks
-from .parallel import ClusterSettings, dask_client, dashboard_link, for_workload, run_tasks
-from .safetensors_io import ITEMSIZE
+from .parallel import ClusterSettings, dask_client, dashboard_link, run_tasks
 from .store import annotate, node_name, write_tree
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -40,17 +39,6 @@ def _block_tasks(run: Run, settings: MeasureSettings, resume_from: dict[str, int
     return layers
 
 
-def _bytes_to_measure(todo: dict) -> int:
-    """Checkpoint bytes the block tasks will measure (the priming reads of resumed tasks, a
-    read and a subtraction each, are left out: they cost a fraction of a measured byte)."""
-    total = 0
-    for tasks in todo.values():
-        for t in tasks:
-            row_bytes = t.tensor.row_elems * ITEMSIZE.get(t.tensor.dtype, 4)
-            total += (t.stop - t.start) * row_bytes * (len(t.files) - t.resume_from)
-    return total
-
-
 def measure_manifest(manifest: Manifest, settings: MeasureSettings, cluster: ClusterSettings,
                      cache_dir, progress: Progress | None = None) -> dict[str, dict[str, dict]]:
     """{run: {tensor: layer result}} for every run and tensor, measuring only what is new."""
@@ -64,7 +52,7 @@ def measure_manifest(manifest: Manifest, settings: MeasureSettings, cluster: Clu
         todo.update(_block_tasks(run, settings, starts))
     results = {k: v for k, v in cached.items() if k not in todo}
     if todo:
-        with dask_client(for_workload(cluster, _bytes_to_measure(todo))) as client:
+        with dask_client(cluster) as client:
             if progress and dashboard_link(client):
                 progress(f"dask dashboard: {dashboard_link(client)}", 0, len(todo))
             for done, ((run_name, name), new) in enumerate(run_tasks(client, todo, settings), 1):

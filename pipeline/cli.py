@@ -58,10 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
     workers = a.add_mutually_exclusive_group()
     workers.add_argument("--threads", action="store_true",
-                         help="local workers as threads of this process (starts ~5 s faster; default below "
-                              "dask.threads_below_gb of reading)")
+                         help="local workers as threads of this process (share its GIL: slower)")
     workers.add_argument("--processes", action="store_true",
-                         help="local workers as processes (faster on large series; default above it)")
+                         help="local workers as processes (the default, unless params.yaml says otherwise)")
     a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
@@ -86,7 +85,7 @@ def _analyze(args, progress) -> dict:
     # under a second; the manifest is then handed to analyze().
     manifest = discover(args.path, skip_bad=skip)
     dask_params = params.get("dask") or {}  # worker processes may be forked: start their imports now
-    forkserver.start_early(False if args.threads else dask_params.get("processes", "auto"),
+    forkserver.start_early(False if args.threads else dask_params.get("processes", True),
                            args.scheduler or dask_params.get("scheduler_address"))
 
     from .analyze import analyze

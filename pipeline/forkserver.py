@@ -3,7 +3,7 @@
 A local Dask cluster of worker processes normally spawns each worker, and each then imports
 numpy, torch and distributed (~3 s here, and the main process has just done the same).
 ``start`` launches one forkserver that imports them once, in the worker environment (one
-OpenMP/BLAS thread per worker process, the glibc malloc settings below); ``parallel`` then
+OpenMP/BLAS thread per worker process, the glibc malloc settings; ``WORKER_ENV``); ``parallel`` then
 has Dask's nannies fork their workers from it (``distributed.worker.multiprocessing-method:
 forkserver``), which takes ~0.1 s each. Started early (before the main process imports torch
 and xarray) the server's imports run on the otherwise idle second core; it lives until this
@@ -24,8 +24,13 @@ PRELOAD = ["numpy", "torch", "distributed", "pipeline.measure"]
 # page-faulted in again: ~40% of a measure task's time. Worker memory is bounded by design
 # (a task holds ~ (2 max_lag + 2) slices), so keep freed memory up to 64 MiB for reuse.
 WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
-# one thread per worker process (parallelism is across tasks), as Dask sets for spawned workers
-WORKER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# What the worker environment must hold before the interpreter starts, i.e. in the server's:
+# the malloc settings, one OpenMP/BLAS thread per worker process (parallelism is across tasks)
+# and Dask's fixed hash seed (consistent hashing across workers), as Dask sets for spawned ones.
+# ``parallel`` also passes them as Dask's pre-spawn environment, so a worker's os.environ
+# reports the values it runs with.
+WORKER_ENV = {**WORKER_MALLOC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"}
 
 _started = False
 
@@ -37,9 +42,8 @@ def start() -> None:
     if _started:
         return
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    env = {**WORKER_MALLOC, **WORKER_THREADS}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the server (and so every worker) starts with these; this process keeps its own
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    os.environ.update(WORKER_ENV)  # the server (and so every worker) starts with these; this process keeps its own
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -51,10 +55,8 @@ def start() -> None:
     _started = True
 
 
-def start_early(processes: bool | str, scheduler_address: str | None) -> None:
-    """``start`` unless this run will not fork local workers: thread workers forced
-    (``processes`` False) or a scheduler to join (argument or ``DASK_SCHEDULER_ADDRESS``).
-    With ``processes="auto"`` it starts: the server costs an idle core's time while this
-    process imports, and is simply unused when the run picks thread workers."""
-    if processes is not False and not (scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+def start_early(processes: bool, scheduler_address: str | None) -> None:
+    """``start`` unless this run will not fork local workers: thread workers asked for
+    (``processes`` False) or a scheduler to join (argument or ``DASK_SCHEDULER_ADDRESS``)."""
+    if processes and not (scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")):
         start()

@@ -10,6 +10,7 @@ merges the blocks of one layer into per-step layer statistics.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -172,14 +173,15 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     windows = []
     for i in range(read_from, len(task.files)):
         flat = space.read(task, i, start, stop, (i - read_from) % space.values.shape[0])
-        moments = _moments(flat)
-        band_row = band.advance(flat, held, moments[1] == 0, need_band=i >= first)
-        if i >= first:
+        moments = _moments(flat) if i >= first else None  # priming reads need only the finite flag
+        finite = moments[1] == 0 if moments else _sums_finite(flat)
+        band_row = band.advance(flat, held, finite, need_band=i >= first)
+        if moments:
             j = i - first
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
             out["sample"][j] = flat[pick].cpu().numpy()
             out["sq_distance"][j] = band_row
-        held.append((flat, moments[1] == 0))
+        held.append((flat, finite))
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
             windows.append(_close_window(held, band, task.steps[i + 1 - w : i + 1]))
     out["ensemble_log_var"] = np.asarray([lv for lv, _ in windows], dtype=np.float64)
@@ -263,6 +265,13 @@ def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
         total += s
         total_sq += ss
     return float(flat.numel() - bad), bad, total, total_sq
+
+
+def _sums_finite(flat: torch.Tensor) -> bool:
+    """True when the slice's fp32 sum is finite: one pass, no allocation. False for any NaN/Inf
+    (and for a finite slice whose sum overflows fp32, which then takes the masked paths: same
+    results, only slower)."""
+    return math.isfinite(float(flat.sum()))
 
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:

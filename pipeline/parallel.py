@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import dask
@@ -31,19 +31,7 @@ class ClusterSettings:
     n_workers: int | None = None  # local cluster size; None = one per core
     memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
     gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
-    processes: bool | str = "auto"  # local workers as processes, threads (False), or "auto"
-    threads_below_gb: float = 4.0  # "auto": threads when less than this is to be measured (GB)
-
-
-def for_workload(settings: ClusterSettings, n_bytes: int) -> ClusterSettings:
-    """Resolve ``processes="auto"`` for a job that measures ``n_bytes``: thread workers start
-    ~5 s faster (no worker processes importing torch; start-up 5-7 s vs ~11 s in
-    benchmarks/RESULTS.md) but share the GIL, so they measure more slowly on large series; they
-    win below a few GB: small series and the rerun after adding a checkpoint (13.0 s with
-    threads vs 15.7 s with processes, RESULTS.md section 2)."""
-    if settings.processes != "auto":
-        return settings
-    return replace(settings, processes=n_bytes >= settings.threads_below_gb * 1e9)
+    processes: bool = True  # local workers as processes (forked from a preloaded server), or threads (False)
 
 
 def resolve_address(settings: ClusterSettings) -> str | None:
@@ -89,7 +77,8 @@ def _local_cluster(settings: ClusterSettings):
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=False,
                             memory_limit=settings.memory_limit, **quiet)
     forkserver.start()  # no-op when the caller started it early
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+    config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()}
+    with dask.config.set({**config, "distributed.worker.multiprocessing-method": "forkserver"}):
         return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                             memory_limit=settings.memory_limit, **quiet)
 

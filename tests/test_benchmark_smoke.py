@@ -69,6 +69,16 @@ def test_throughput_fields_on_a_tiny_series(tmp_path):
     assert "throughput" in bench.format_tables({"throughput": out})
 
 
+@pytest.mark.slow  # three analyze subprocesses
+def test_incremental_reuses_the_cache_and_reports_net_ratios(tmp_path):
+    bench = _bench()
+    out = bench.incremental(tmp_path, 0.05, n=3, workers=1)
+    assert out["rerun_wall_s"] > 0 and out["startup_s"] > 0
+    net_share = (out["full_wall_s"] - out["startup_s"]) / 3
+    assert out["net_rerun_over_net_share"] == pytest.approx((out["rerun_wall_s"] - out["startup_s"]) / net_share)
+    assert "net of the start-up" in bench.format_tables({"incremental": out})
+
+
 def test_window_log_var_sum_frozen_coordinates_and_too_few():
     steps = np.arange(10.0)
     theta = np.zeros((10, 4), np.float32)

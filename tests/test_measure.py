@@ -99,10 +99,12 @@ def test_nonfinite_checkpoint_falls_back_to_direct_sums(tmp_path):
     np.testing.assert_allclose(out["ensemble_log_var"], want, rtol=1e-5)
 
 
-def test_resumed_block_equals_the_tail_of_a_full_one(tmp_path):
+@pytest.mark.parametrize("nan_at", [None, (10, 10, 3)])
+def test_resumed_block_equals_the_tail_of_a_full_one(tmp_path, nan_at):
     """resume_from = 13: checkpoints 8..12 only prime the ring (13 - max_lag) and the open
-    window (starts at 12); the stored rows equal the full run's rows 13.."""
-    values, files, steps = _series(tmp_path)
+    window (starts at 12); the stored rows equal the full run's rows 13.. (also with a NaN and
+    an Inf in priming checkpoint 10: its finite flag comes from the sum, not the moments)."""
+    values, files, steps = _series(tmp_path, nan_at=nan_at)
     settings = MeasureSettings(max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=200)
     full = measure_block(_task(files, steps), settings)
     tail = measure_block(_task(files, steps, resume_from=13), settings)

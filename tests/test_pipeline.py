@@ -122,11 +122,40 @@ def test_adding_checkpoints_measures_only_new_ones_and_matches_full_run(tmp_path
     assert incremental.sizes["step"] == 13
 
 
-def test_auto_workers_are_threads_for_small_jobs_and_processes_for_large():
-    from pipeline.parallel import for_workload
+def _worker_state():
+    import os
+    import sys
 
-    auto = ClusterSettings(threads_below_gb=4.0)
-    assert for_workload(auto, 10**9).processes is False  # 1 GB: start-up dominates
-    assert for_workload(auto, 5 * 10**9).processes is True
-    assert for_workload(ClusterSettings(processes=True), 10).processes is True  # explicit wins
-    assert for_workload(ClusterSettings(processes=False), 10**12).processes is False
+    import torch
+
+    return {"malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "torch_threads": torch.get_num_threads(), "parent": os.getppid(), "torch": "torch" in sys.modules}
+
+
+def test_worker_processes_fork_from_the_preloaded_server():
+    """Workers are children of the forkserver (torch imported there once) and carry the worker
+    environment it was started with: malloc settings and one OpenMP thread."""
+    import multiprocessing.forkserver
+
+    from pipeline.forkserver import WORKER_MALLOC
+    from pipeline.parallel import dask_client
+
+    with dask_client(ClusterSettings(n_workers=2, processes=True)) as client:
+        states = list(client.run(_worker_state).values())
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    assert len(states) == 2
+    for state in states:
+        assert state["parent"] == server
+        assert state["malloc"] == WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]
+        assert state["omp"] == "1" and state["torch_threads"] == 1
+
+
+def test_thread_workers_run_torch_single_threaded():
+    import torch
+
+    from pipeline.parallel import dask_client
+
+    before = torch.get_num_threads()
+    with dask_client(ClusterSettings(n_workers=2, processes=False)) as client:
+        assert client.submit(_worker_state, pure=False).result()["torch_threads"] == 1
+    assert torch.get_num_threads() == before
