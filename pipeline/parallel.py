@@ -3,7 +3,8 @@
 ``dask_client`` yields a ``distributed.Client``: joins ``scheduler_address`` (or the
 ``DASK_SCHEDULER_ADDRESS`` environment variable) when given, else starts a ``LocalCUDACluster``
 (one worker per GPU, dask-cuda) when CUDA is visible and allowed, else a ``LocalCluster`` of
-single-threaded worker processes sized to the machine. ``run_tasks`` submits a
+single-threaded worker processes sized to the machine, forked from a server that has imported
+torch (``forkserver``), or of threads of this process. ``run_tasks`` submits a
 (run, layer) -> [blocks] -> finalize graph and yields each layer as it completes.
 """
 
@@ -73,13 +74,13 @@ def _local_cluster(settings: ClusterSettings):
 
         return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
-    if not settings.processes:
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=False,
-                            memory_limit=settings.memory_limit, **quiet)
-    forkserver.start()  # no-op when the caller started it early
-    config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()}
-    with dask.config.set({**config, "distributed.worker.multiprocessing-method": "forkserver"}):
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+    config = {}
+    if settings.processes:  # fork the workers from the preloaded server (pipeline/forkserver.py)
+        forkserver.start()  # no-op when the caller started it early
+        config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()}
+        config["distributed.worker.multiprocessing-method"] = "forkserver"
+    with dask.config.set(config):
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=settings.processes,
                             memory_limit=settings.memory_limit, **quiet)
 
 
