@@ -283,23 +283,63 @@ def scaling(root: Path, size_mb=256, counts=(8, 12, 16), sizes=(64, 128, 256), n
                                                        [r["wall_s"] for r in by_size])}
 
 
-def incremental(root: Path, size_mb=64, n=20, dtype="fp32", workers=None) -> dict:
+def _analyze_runner(root: Path, folder: Path, workers=None):
+    """Callable timing `thermoscope analyze` of ``folder`` (same store and cache every call)."""
+    root.mkdir(parents=True, exist_ok=True)
+    return lambda: run_analyze(folder, root / "inc.zarr", root / "inc.cache", workers=workers)["wall_s"]
+
+
+def _dvc_runner(root: Path, folder: Path, workers=None):
+    """Callable timing `dvc repro` of this repository's pipeline (dvc.yaml, stages/, params.yaml
+    with ``checkpoints.dir`` = ``folder``) in a fresh DVC project under ``root``: index, measure,
+    thermo and report stages, each a process, as a researcher runs it."""
+    import yaml
+
+    project = root / "dvc-project"
+    project.mkdir(parents=True)
+    for name in ("stages", "pipeline"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", project)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["checkpoints"]["dir"] = str(folder)
+    params["dask"]["n_workers"] = workers
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, env=env, check=True)  # stages run `python`
+
+    def run() -> float:
+        t = time.perf_counter()
+        done = subprocess.run(["dvc", "repro", "-q"], cwd=project, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"dvc repro failed: {(done.stdout + done.stderr)[-2000:]}")
+        return time.perf_counter() - t
+    return run
+
+
+RUNNERS = {"analyze": _analyze_runner, "dvc": _dvc_runner}
+
+
+def incremental(root: Path, size_mb=64, n=20, dtype="fp32", workers=None, via="analyze") -> dict:
     """Full run on n checkpoints, then add one and rerun with the same cache and store; also
-    both net of the start-up (the 1-checkpoint tiny run, which any run pays)."""
-    start = startup(root, workers)["wall_s"]
+    both net of the start-up (the same command on a 1-checkpoint tiny series, which any run
+    pays). ``via``: time `thermoscope analyze` or `dvc repro` (all four stages)."""
+    tiny = Series(root / "inc-tiny", 0.05)
+    tiny.extend(1)
+    start = RUNNERS[via](root / "inc-tiny-run", tiny.folder, workers)()
     s = Series(root / "inc", size_mb, dtype)
     s.extend(n)
     raw_read_rate(s.files, buffers=(1 << 20,), repeats=1)  # warm the page cache
-    full = run_analyze(s.folder, root / "inc.zarr", root / "inc.cache", workers=workers)
+    run = RUNNERS[via](root, s.folder, workers)
+    full = run()
     s.extend(1)
     raw_read_rate(s.files[-1:], buffers=(1 << 20,), repeats=1)
-    rerun = run_analyze(s.folder, root / "inc.zarr", root / "inc.cache", workers=workers)
-    share = full["wall_s"] / n
+    rerun = run()
+    share = full / n
+    net_share = (full - start) / n
     shutil.rmtree(s.folder)
-    net_share = (full["wall_s"] - start) / n
-    return {"size_mb": size_mb, "checkpoints": n, "full_wall_s": full["wall_s"], "per_checkpoint_s": share,
-            "rerun_wall_s": rerun["wall_s"], "rerun_over_share": rerun["wall_s"] / share, "startup_s": start,
-            "net_rerun_over_net_share": (rerun["wall_s"] - start) / net_share}
+    return {"via": via, "size_mb": size_mb, "checkpoints": n, "full_wall_s": full, "per_checkpoint_s": share,
+            "rerun_wall_s": rerun, "rerun_over_share": rerun / share, "startup_s": start,
+            "net_rerun_over_net_share": (rerun - start) / net_share}
 
 
 def big(root: Path, n_params=1e9, n=5, workers=None) -> dict:
@@ -431,10 +471,10 @@ def format_tables(results: dict) -> str:
         lines.append(f"  fit: {f['intercept']:.2f} s + {f['slope'] * 1e6:.4f} s/Mparam, R^2 {f['r2']:.4f}")
     if "incremental" in results:
         r = results["incremental"]
-        lines.append(f"\nincremental: full {r['checkpoints']} x {r['size_mb']} MB: {r['full_wall_s']:.2f} s "
+        lines.append(f"\nincremental ({r['via']}): full {r['checkpoints']} x {r['size_mb']} MB: {r['full_wall_s']:.2f} s "
                      f"({r['per_checkpoint_s']:.2f} s/checkpoint); +1 checkpoint rerun {r['rerun_wall_s']:.2f} s "
                      f"= {r['rerun_over_share']:.2f}x the per-checkpoint share")
-        lines.append(f"  net of the start-up ({r['startup_s']:.2f} s, tiny run): rerun "
+        lines.append(f"  net of the start-up ({r['startup_s']:.2f} s, the same on a 1-checkpoint tiny series): rerun "
                      f"{r['rerun_wall_s'] - r['startup_s']:.2f} s = {r['net_rerun_over_net_share']:.2f}x the net share "
                      f"{(r['full_wall_s'] - r['startup_s']) / r['checkpoints']:.2f} s")
     if "big" in results:
@@ -468,6 +508,8 @@ def main(argv=None) -> int:
                       help="pass --processes to analyze (worker processes at every size: one regime for scaling fits)")
     p.add_argument("--mode", default="throughput",
                    choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "all"])
+    p.add_argument("--via", choices=sorted(RUNNERS), default="analyze",
+                   help="incremental: time `thermoscope analyze` or `dvc repro` of the whole pipeline")
     p.add_argument("--dir", default=None, help="where to write the series (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
@@ -485,7 +527,7 @@ def main(argv=None) -> int:
                 results[mode] = scaling(root, args.size, sizes=(args.size / 4, args.size / 2, args.size),
                                         dtype=args.dtype, workers=args.workers)
             elif mode == "incremental":
-                results[mode] = incremental(root, args.size, dtype=args.dtype, workers=args.workers)
+                results[mode] = incremental(root, args.size, dtype=args.dtype, workers=args.workers, via=args.via)
             elif mode == "big":
                 results[mode] = big(root, workers=args.workers)
             else:

@@ -69,10 +69,11 @@ def test_throughput_fields_on_a_tiny_series(tmp_path):
     assert "throughput" in bench.format_tables({"throughput": out})
 
 
-@pytest.mark.slow  # three analyze subprocesses
-def test_incremental_reuses_the_cache_and_reports_net_ratios(tmp_path):
+@pytest.mark.slow  # three analyze subprocesses, or three dvc repro of four stages each
+@pytest.mark.parametrize("via", ["analyze", "dvc"])
+def test_incremental_reuses_the_cache_and_reports_net_ratios(tmp_path, via):
     bench = _bench()
-    out = bench.incremental(tmp_path, 0.05, n=3, workers=1)
+    out = bench.incremental(tmp_path, 0.05, n=3, workers=1, via=via)
     assert out["rerun_wall_s"] > 0 and out["startup_s"] > 0
     net_share = (out["full_wall_s"] - out["startup_s"]) / 3
     assert out["net_rerun_over_net_share"] == pytest.approx((out["rerun_wall_s"] - out["startup_s"]) / net_share)
