@@ -84,9 +84,8 @@ def _analyze(args, progress) -> dict:
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
     manifest = discover(args.path, skip_bad=skip)
-    dask_params = params.get("dask") or {}  # worker processes may be forked: start their imports now
-    forkserver.start_early(False if args.threads else dask_params.get("processes", True),
-                           args.scheduler or dask_params.get("scheduler_address"))
+    # worker processes may be forked: start their imports now, beside this process's
+    forkserver.start_early(params.get("dask") or {}, threads=args.threads, scheduler_address=args.scheduler)
 
     from .analyze import analyze
     from .params import cluster_settings, measure_settings

@@ -28,15 +28,14 @@ def index(params: dict) -> None:
 
 def measure(params: dict) -> None:
     """Stream every layer through its checkpoints on the Dask cluster -> measured store."""
-    cluster = cluster_settings(params)
-    forkserver.start_early(cluster.processes, cluster.scheduler_address)
+    forkserver.start_early(params.get("dask") or {})  # workers' imports beside this process's
     from .analyze import measure_manifest, measured_tree
     from .progress import progress_printer
     from .store import write_tree
 
     manifest = Manifest.from_json(Path(params["paths"]["manifest"]).read_text())
     settings = measure_settings(params)
-    results = measure_manifest(manifest, settings, cluster,
+    results = measure_manifest(manifest, settings, cluster_settings(params),
                                params["paths"]["cache"], progress_printer())
     write_tree(measured_tree(manifest, results, settings), params["paths"]["measured"])
 
