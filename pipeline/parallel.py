@@ -54,8 +54,8 @@ def dask_client(settings: ClusterSettings) -> Iterator[Client]:
 @contextlib.contextmanager
 def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
     """Thread workers share this process's torch: one intra-op thread per task while they run,
-    as worker processes have (else each concurrent task starts an OpenMP team of all cores:
-    oversubscribed and slower, 7.3 s vs 6.5 s for the measure phase of a rerun)."""
+    as worker processes have (else each concurrent task starts an OpenMP team of all cores,
+    and the cores are oversubscribed)."""
     if settings.processes:
         yield
         return

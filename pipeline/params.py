@@ -31,7 +31,7 @@ def _build(cls, section: dict, where: str):
 
 
 # The settings classes live beside the code they configure (torch, Dask): imported on use, so
-# reading params.yaml stays light for the stages that need neither (index: ~0.3 s, not ~5 s).
+# reading params.yaml stays light for the stages that need neither (the index stage).
 def measure_settings(params: dict) -> MeasureSettings:
     from .measure import MeasureSettings
 
