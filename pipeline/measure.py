@@ -173,10 +173,11 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     windows = []
     for i in range(read_from, len(task.files)):
         flat = space.read(task, i, start, stop, (i - read_from) % space.values.shape[0])
-        moments = _moments(flat) if i >= first else None  # priming reads need only the finite flag
-        finite = moments[1] == 0 if moments else _sums_finite(flat)
-        band_row = band.advance(flat, held, finite, need_band=i >= first)
-        if moments:
+        measured = i >= first  # earlier checkpoints only prime the ring and the open window
+        moments = _moments(flat) if measured else None  # priming needs only the finite flag
+        finite = moments[1] == 0 if measured else _sums_finite(flat)
+        band_row = band.advance(flat, held, finite, need_band=measured)
+        if measured:
             j = i - first
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
             out["sample"][j] = flat[pick].cpu().numpy()
