@@ -84,8 +84,9 @@ def _analyze(args, progress) -> dict:
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
     manifest = discover(args.path, skip_bad=skip)
+    processes = False if args.threads else True if args.processes else None  # None: as params.yaml says
     # worker processes may be forked: start their imports now, beside this process's
-    forkserver.start_early(params.get("dask") or {}, threads=args.threads, scheduler_address=args.scheduler)
+    forkserver.start_early(params.get("dask") or {}, processes, args.scheduler)
 
     from .analyze import analyze
     from .params import cluster_settings, measure_settings
@@ -96,7 +97,7 @@ def _analyze(args, progress) -> dict:
     cluster = cluster_settings(params)
     cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
                       n_workers=args.workers or cluster.n_workers,
-                      processes=False if args.threads else True if args.processes else cluster.processes)
+                      processes=cluster.processes if processes is None else processes)
     store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
                     skip_bad=skip, cache_dir=args.cache, progress=progress, manifest=manifest)
     return {"store": str(store)}

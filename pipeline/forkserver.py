@@ -55,12 +55,13 @@ def start() -> None:
     _started = True
 
 
-def start_early(dask_params: dict, threads: bool = False, scheduler_address: str | None = None) -> None:
-    """``start`` unless this run will not fork local workers: thread workers asked for
-    (``threads`` or ``dask.processes: false``) or a scheduler to join (``scheduler_address``,
+def start_early(dask_params: dict, processes: bool | None = None, scheduler_address: str | None = None) -> None:
+    """``start`` unless this run will not fork local workers: thread workers (``processes``
+    False, or None and ``dask.processes: false``) or a scheduler to join (``scheduler_address``,
     ``dask.scheduler_address`` or ``DASK_SCHEDULER_ADDRESS``). ``dask_params``: the raw
     params.yaml ``dask`` section, so deciding needs neither torch nor Dask imported."""
-    processes = not threads and dask_params.get("processes", True) is not False
+    if processes is None:
+        processes = dask_params.get("processes", True) is not False
     address = scheduler_address or dask_params.get("scheduler_address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if processes and not address:
         start()
