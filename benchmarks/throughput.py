@@ -177,12 +177,14 @@ def tree_anon_bytes(root: int) -> int:
 ANALYZE_EXTRA_ARGS: list[str] = []  # e.g. ["--threads"], set from the command line
 
 
-def run_analyze(folder, store, cache, spectral=False, workers=None, interval=0.05) -> dict:
+def run_analyze(folder, store, cache, spectral=False, workers=None, interval=0.05, params=None) -> dict:
     """Wall time and peak anonymous memory (whole process tree) of `thermoscope analyze`."""
     cmd = [sys.executable, "-m", "pipeline.cli", "--quiet", "analyze", str(folder), "--store", str(store),
            "--cache", str(cache)]
     if spectral:
         cmd.append("--spectral")
+    if params:
+        cmd += ["--params", str(params)]
     if workers:
         cmd += ["--workers", str(workers)]
     cmd += ANALYZE_EXTRA_ARGS
@@ -283,6 +285,13 @@ def scaling(root: Path, size_mb=256, counts=(8, 12, 16), sizes=(64, 128, 256), n
                                                        [r["wall_s"] for r in by_size])}
 
 
+def _repo_params() -> dict:
+    """This repository's params.yaml (the defaults a researcher runs with)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
 def _analyze_runner(root: Path, folder: Path, workers=None):
     """Callable timing `thermoscope analyze` of ``folder`` (same store and cache every call)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -300,7 +309,7 @@ def _dvc_runner(root: Path, folder: Path, workers=None):
     for name in ("stages", "pipeline"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = _repo_params()
     params["checkpoints"]["dir"] = str(folder)
     params["dask"]["n_workers"] = workers
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -358,6 +367,47 @@ def big(root: Path, n_params=1e9, n=5, workers=None) -> dict:
     return {"n_params": s.n_params, "checkpoints": n, "bytes": raw["bytes"], "generate_s": gen,
             "raw_bytes_per_s": raw["raw_bytes_per_s"], **r, "bytes_per_s": raw["bytes"] / r["wall_s"],
             "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
+
+
+def _params_file(path: Path, overrides: dict) -> Path:
+    """This repository's params.yaml with ``overrides`` ({section: {key: value}}) applied."""
+    import yaml
+
+    params = _repo_params()
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def devices(root: Path, size_mb, n, dtype="fp32", spectral=False, workers=None, device="cuda") -> dict:
+    """The same series analysed with torch on the CPU (CPU worker processes) and on ``device``
+    (dask-cuda workers when it is ``cuda``), with the default slice and with one slice per block
+    (cache blocking is a CPU-cache concern): wall time, rate, and each stored variable's largest
+    difference from the CPU store relative to its scale (``largest_differences``)."""
+    from pipeline.store import largest_differences, open_tree
+
+    s = Series(root / "dev", size_mb, dtype)
+    s.extend(n)
+    raw = raw_read_rate(s.files)
+    block = _repo_params()["measure"]["block_elems"]
+    configs = {"cpu": {"measure": {"device": "cpu"}, "dask": {"gpu": "off"}},  # the reference
+               device: {"measure": {"device": device}},
+               f"{device} slice=block": {"measure": {"device": device, "slice_elems": block}}}
+    runs, stores = {}, {}
+    for i, (label, overrides) in enumerate(configs.items()):
+        params = _params_file(root / f"run{i}.yaml", overrides)
+        stores[label] = root / f"run{i}.zarr"
+        r = run_analyze(s.folder, stores[label], root / f"run{i}.cache", spectral, workers, params=params)
+        runs[label] = {**r, "bytes_per_s": raw["bytes"] / r["wall_s"], "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
+        if label != "cpu":
+            diffs = largest_differences(open_tree(stores[label]), open_tree(stores["cpu"]))
+            worst = max(diffs, key=diffs.get)
+            runs[label].update(largest_difference=diffs[worst], largest_difference_variable=worst, differences=diffs)
+    shutil.rmtree(s.folder)
+    return {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "spectral": spectral, "n_params": s.n_params,
+            "bytes": raw["bytes"], "raw_bytes_per_s": raw["raw_bytes_per_s"], "runs": runs,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def ww_formulas(matrix: np.ndarray) -> tuple[float, float]:
@@ -483,6 +533,16 @@ def format_tables(results: dict) -> str:
                      f"{r['checkpoints']} x {r['n_params']:,} params bf16 ({_gb(r['bytes'])} GB): wall {r['wall_s']:.1f} s, "
                      f"{_gb(r['bytes_per_s'])} GB/s = {r['ratio']:.2f}x raw ({_gb(r['raw_bytes_per_s'])} GB/s), "
                      f"peak anon {_gb(r['peak_anon_bytes'])} GB"))
+    if "devices" in results:
+        r = results["devices"]
+        lines.append(f"\ndevices: {r['checkpoints']} x {r['size_mb']} MB {r['dtype']} ({r['n_params']:,} params"
+                     f"{', --spectral' if r['spectral'] else ''}), GPU {r['gpu']}, raw read {_gb(r['raw_bytes_per_s'])} GB/s")
+        lines.append(f"{'run':22s} {'wall s':>8s} {'GB/s':>6s} {'ratio':>6s} {'peak anon GB':>12s}  largest difference from cpu")
+        for label, x in r["runs"].items():
+            diff = (f"{x['largest_difference']:.1e} ({x['largest_difference_variable']})"
+                    if "largest_difference" in x else "-")
+            lines.append(f"{label:22s} {x['wall_s']:8.2f} {_gb(x['bytes_per_s']):>6s} {x['ratio']:6.2f} "
+                         f"{_gb(x['peak_anon_bytes']):>12s}  {diff}")
     if "spectral" in results:
         r = results["spectral"]
         lines.append(f"\nspectral: {r['checkpoints']} x {r['size_mb']} MB: analyze --spectral {r['analyze_spectral_s']:.2f} s; "
@@ -507,7 +567,9 @@ def main(argv=None) -> int:
     kind.add_argument("--processes", action="store_true",
                       help="pass --processes to analyze (worker processes at every size: one regime for scaling fits)")
     p.add_argument("--mode", default="throughput",
-                   choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "all"])
+                   choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "devices", "all"])
+    p.add_argument("--device", default="cuda",
+                   help="devices: the torch device compared with the CPU (cuda; cpu checks the comparison itself)")
     p.add_argument("--via", choices=sorted(RUNNERS), default="analyze",
                    help="incremental: time `thermoscope analyze` or `dvc repro` of the whole pipeline")
     p.add_argument("--dir", default=None, help="where to write the series (default: a temp dir)")
@@ -528,6 +590,9 @@ def main(argv=None) -> int:
                                         dtype=args.dtype, workers=args.workers)
             elif mode == "incremental":
                 results[mode] = incremental(root, args.size, dtype=args.dtype, workers=args.workers, via=args.via)
+            elif mode == "devices":
+                results[mode] = devices(root, args.size, args.checkpoints, args.dtype, args.spectral, args.workers,
+                                        args.device)
             elif mode == "big":
                 results[mode] = big(root, workers=args.workers)
             else:

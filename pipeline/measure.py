@@ -93,13 +93,23 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     """
     per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
-    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space)
+    pick = _block_sample(task, settings)
+    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
              for a in range(task.start, task.stop, per_slice)]
     out = merge_partials(parts)
     if settings.spectral and len(task.tensor.shape) >= 2:
         out["spectral"] = _spectral_series(task, out["nonfinite"] == 0, resolve_device(settings.device))
     out["dtype"] = task.tensor.dtype
     return out
+
+
+def _block_sample(task: BlockTask, settings: MeasureSettings) -> torch.Tensor:
+    """Sorted flat indices (within the block) of the entropy subsample: the block's share of
+    ``entropy_sample``, drawn per block, so the sampled coordinates do not depend on the slice
+    size (which differs by device) and are the same at every checkpoint."""
+    n_block = (task.stop - task.start) * task.tensor.row_elems
+    share = max(1, round(settings.entropy_sample * n_block / max(task.tensor.n_params, 1)))
+    return entropy_subsample_indices(n_block, share, _layer_seed(task.tensor.name) + task.start)
 
 
 def _spectral_series(task: BlockTask, finite: np.ndarray, device: str) -> np.ndarray:
@@ -137,7 +147,8 @@ class _Workspace:
         n_values = max(settings.max_lag, settings.ensemble_window) + 1
         self.values = torch.empty((n_values, capacity), dtype=torch.float32, device=self.device)
         self.ring = torch.empty((settings.max_lag, capacity), dtype=torch.float32, device=self.device)
-        self.staging = torch.empty(capacity, dtype=torch.float32) if self.device != "cpu" else None
+        on_gpu = self.device != "cpu"  # page-locked staging: host-to-device copies at full bus speed
+        self.staging = torch.empty(capacity, dtype=torch.float32, pin_memory=True) if on_gpu else None
 
     def read(self, task: BlockTask, i: int, start: int, stop: int, slot: int) -> torch.Tensor:
         """Rows [start, stop) of checkpoint ``i`` as fp32 in row ``slot`` of ``values`` (flat)."""
@@ -148,8 +159,10 @@ class _Workspace:
         return target.copy_(read_rows(task.files[i], task.tensor.name, start, stop, out=self.staging[:n]).reshape(-1))
 
 
-def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings, space: _Workspace) -> dict:
-    """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice).
+def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings, space: _Workspace,
+                   block_pick: torch.Tensor) -> dict:
+    """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice);
+    ``block_pick``: the block's entropy subsample (``_block_sample``), of which the slice keeps its own.
 
     Memory: the task's ``_Workspace`` (max(max_lag, ensemble_window) + 1 value slices and a
     ring of the last ``max_lag`` increments, ``_BandTracker``); the ensemble window is computed
@@ -160,8 +173,8 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     w = settings.ensemble_window
     n_out = len(task.files) - first
     n_slice = (stop - start) * task.tensor.row_elems
-    share = max(1, round(settings.entropy_sample * n_slice / max(task.tensor.n_params, 1)))
-    pick = entropy_subsample_indices(n_slice, share, _layer_seed(task.tensor.name) + start).to(device)
+    offset = (start - task.start) * task.tensor.row_elems
+    pick = (block_pick[(block_pick >= offset) & (block_pick < offset + n_slice)] - offset).to(device)
     out = {
         "count": np.zeros(n_out), "sum": np.zeros(n_out), "sumsq": np.zeros(n_out),
         "nonfinite": np.zeros(n_out, dtype=np.int64),

@@ -13,6 +13,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from .atomic import replace_dir
@@ -113,3 +114,33 @@ def node_name(run_name: str) -> str:
     """A DataTree-safe node name for a run (no '/')."""
     return run_name.replace("/", "_") or "run"
 
+
+def largest_differences(tree: xr.DataTree, reference: xr.DataTree) -> dict[str, float]:
+    """For each numeric variable of each node (``node/variable``): the largest absolute
+    difference between ``tree`` and ``reference``, divided by the reference's largest finite
+    magnitude (dimensionless; 0 = equal). ``inf`` where the shapes or the NaN/Inf entries differ,
+    or a variable is missing from ``tree``. Used to show that two stores of the same series
+    agree, e.g. measured with torch on the CPU and on a GPU."""
+    out = {}
+    for node in reference.subtree:
+        for name, ref in node.dataset.data_vars.items():
+            if not np.issubdtype(ref.dtype, np.number):
+                continue
+            key = f"{node.path.strip('/') or '/'}/{name}"
+            try:
+                a = np.asarray(tree[node.path].dataset[name].values, dtype=float)
+            except KeyError:
+                out[key] = float("inf")
+                continue
+            b = np.asarray(ref.values, dtype=float)
+            if a.shape != b.shape:
+                out[key] = float("inf")
+                continue
+            finite = np.isfinite(b)
+            if not (np.isfinite(a) == finite).all() or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+                out[key] = float("inf")
+                continue
+            diff = np.abs(a[finite] - b[finite]).max(initial=0.0)
+            scale = np.abs(b[finite]).max(initial=0.0)
+            out[key] = 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+    return out

@@ -85,6 +85,21 @@ def test_measure_block_matches_direct_definitions(tmp_path, slice_elems):
     np.testing.assert_allclose(out["sample"], stacked.float().numpy())  # sample >= n: every coordinate
 
 
+def test_entropy_sample_is_the_same_coordinates_whatever_the_slice_size(tmp_path):
+    """500 of the block's 3,840 coordinates, drawn per block: slices of one row, five rows and
+    the whole block (the GPU's) store the same values."""
+    values, files, steps = _series(tmp_path)
+    stacked = torch.stack(values).reshape(N_CKPT, -1)
+    samples = [measure_block(_task(files, steps), MeasureSettings(entropy_sample=500, slice_elems=n))["sample"]
+               for n in (40, 200, 10**6)]
+    assert samples[0].shape == (N_CKPT, 500)
+    for other in samples[1:]:
+        np.testing.assert_array_equal(other, samples[0])
+    columns = [int(np.flatnonzero(stacked[0].numpy() == v)[0]) for v in samples[0][0]]
+    assert columns == sorted(set(columns))  # distinct coordinates, in block order
+    np.testing.assert_array_equal(samples[0], stacked[:, columns].numpy())  # the same ones at every step
+
+
 def test_nonfinite_checkpoint_falls_back_to_direct_sums(tmp_path):
     """A NaN and an Inf at checkpoint 7: lags reaching it skip those elements (direct masked
     sums), later checkpoints return to the increment ring, windows holding it use the values."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.store import VARIABLES, open_tree, write_tree
+from pipeline.store import VARIABLES, largest_differences, open_tree, write_tree
 
 
 def _tree(value: float) -> xr.DataTree:
@@ -53,3 +53,17 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="no thermoscope store"):
         open_tree(tmp_path / "nothing.zarr")
+
+
+def test_largest_differences_are_relative_to_the_reference_scale():
+    ref = _tree(2.0)
+    same = largest_differences(_tree(2.0), ref)
+    assert same == {"run/weight_rms": 0.0}
+    shifted = ref.copy(deep=True)
+    shifted["run"].dataset.weight_rms[1, 0] = 2.0 + 2e-6  # one entry off by 1e-6 of the scale
+    assert largest_differences(shifted, ref)["run/weight_rms"] == pytest.approx(1e-6, rel=1e-6)
+    holed = ref.copy(deep=True)
+    holed["run"].dataset.weight_rms[0, 1] = np.nan  # NaN where the reference is finite
+    assert largest_differences(holed, ref)["run/weight_rms"] == float("inf")
+    missing = xr.DataTree.from_dict({"/": xr.Dataset(), "/run": xr.Dataset()})
+    assert largest_differences(missing, ref)["run/weight_rms"] == float("inf")

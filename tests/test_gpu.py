@@ -1,0 +1,90 @@
+"""The GPU path (torch on ``cuda``, dask-cuda workers) gives the CPU path's numbers.
+
+Skipped where no CUDA device is visible (CI); run on a GPU machine with
+``pytest tests/test_gpu.py -s`` (``benchmarks/gpu_check.sh`` does, and records the figures).
+Both paths read the same fp32 values (bf16 checkpoints are widened exactly) and reduce them in
+fp32 chunks accumulated in float64; only the order of the fp32 additions differs, so sums and
+dot products agree to a few fp32 rounding steps relative to their scale. TF32 must be off:
+with it, the band's dot products would carry ~1e-3 relative errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoint_factory import write_flat
+from pipeline.analyze import analyze
+from pipeline.manifest import TensorInfo
+from pipeline.measure import BlockTask, MeasureSettings, measure_block
+from pipeline.parallel import ClusterSettings, dask_client
+from pipeline.store import largest_differences, open_tree
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+ROWS, COLS, N_CKPT = 512, 300, 11  # 153,600 elements: two slices of the default slice size
+TOLERANCE = 1e-5  # largest difference relative to the statistic's scale (fp32 eps 1.2e-7)
+
+
+def _series(tmp_path, dtype) -> BlockTask:
+    """A random walk with drift in ``dtype``, one (ROWS, COLS) tensor, NaN and Inf in one checkpoint."""
+    g = torch.Generator().manual_seed(7)
+    x, drift, files = 0.1 * torch.randn(ROWS, COLS, generator=g), 1e-3 * torch.randn(ROWS, COLS, generator=g), []
+    for i in range(N_CKPT):
+        v = x.clone()
+        if i == 6:
+            v[3, 4], v[4, 4] = float("nan"), float("inf")
+        files.append(str(tmp_path / f"step_{i:03d}.safetensors"))
+        save_file({"w": v.to(dtype)}, files[-1])
+        x = x + drift + 1e-3 * torch.randn(ROWS, COLS, generator=g)
+    code = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
+    return BlockTask("run", TensorInfo("w", (ROWS, COLS), code), 0, ROWS, tuple(files), tuple(range(N_CKPT)), 0)
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    ok = np.isfinite(b)
+    return float(np.abs(a[ok] - b[ok]).max(initial=0) / max(np.abs(b[ok]).max(initial=0), 1e-300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slice_elems", [131072, 1 << 22])
+def test_measure_block_on_gpu_matches_cpu(tmp_path, dtype, slice_elems):
+    task = _series(tmp_path, dtype)
+    settings = {d: MeasureSettings(max_lag=4, ensemble_window=4, entropy_sample=4096, slice_elems=slice_elems,
+                                   spectral=True, device=d) for d in ("cpu", "cuda")}
+    cpu, gpu = (measure_block(task, settings[d]) for d in ("cpu", "cuda"))
+    for exact in ("count", "nonfinite", "ensemble_frozen", "sample"):  # same fp32 values, no arithmetic
+        np.testing.assert_array_equal(gpu[exact], cpu[exact], err_msg=exact)
+    for name in ("sum", "sumsq", "sq_distance", "ensemble_log_var", "spectral"):
+        diff = _relative(gpu[name], cpu[name])
+        print(f"{dtype} slice {slice_elems}: {name} largest relative difference {diff:.2e}")
+        assert diff <= TOLERANCE, name
+
+
+def _worker_precision():
+    import torch
+
+    return torch.cuda.is_available(), torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+
+
+def test_gpu_workers_compute_in_full_fp32():
+    with dask_client(ClusterSettings()) as client:
+        assert type(client.cluster).__name__ == "LocalCUDACluster"
+        on_workers = client.run(_worker_precision)
+    assert on_workers and all(v == (True, False, "highest") for v in on_workers.values()), on_workers
+
+
+def test_store_from_gpu_workers_matches_cpu_workers(tmp_path):
+    write_flat(tmp_path / "run", range(0, 200, 10), dtype=torch.bfloat16)
+    common = dict(max_lag=4, ensemble_window=4, entropy_sample=4096, block_elems=16, spectral=True)
+    cpu = analyze(tmp_path / "run", tmp_path / "cpu.zarr", MeasureSettings(device="cpu", **common),
+                  ClusterSettings(gpu="off", n_workers=2))
+    gpu = analyze(tmp_path / "run", tmp_path / "gpu.zarr", MeasureSettings(**common), ClusterSettings())
+    diffs = largest_differences(open_tree(gpu), open_tree(cpu))
+    for key, diff in sorted(diffs.items()):
+        print(f"store {key}: largest relative difference {diff:.2e}")
+    assert diffs and max(diffs.values()) <= 1e-4, {k: v for k, v in diffs.items() if v > 1e-4}
