@@ -26,8 +26,8 @@ fi
 print('torch', torch.__version__, 'cuda', torch.version.cuda, '| dask', dask.__version__, '| dask_cuda',
       dask_cuda.__version__, '| xarray', xarray.__version__, '| zarr', zarr.__version__, '| numpy', numpy.__version__)"
 } 2>&1 | tee "$out/machine.txt"
-timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_measure.py 2>&1 | tee "$out/pytest.log"
-timeout 300 python3 benchmarks/throughput.py --mode devices --size "$size" --checkpoints "$count" --json 2>&1 \
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_measure.py 2>&1 | tee "$out/pytest.log"
+timeout 240 python3 benchmarks/throughput.py --mode devices --size "$size" --checkpoints "$count" --json 2>&1 \
     | tee "$out/devices.log"
-timeout 200 python3 benchmarks/throughput.py --mode devices --size $((size / 4)) --checkpoints 4 --spectral --json 2>&1 \
+timeout 150 python3 benchmarks/throughput.py --mode devices --size $((size / 4)) --checkpoints 4 --spectral --json 2>&1 \
     | tee "$out/devices_spectral.log"

@@ -398,9 +398,13 @@ def devices(root: Path, size_mb, n, dtype="fp32", spectral=False, workers=None, 
     for i, (label, overrides) in enumerate(configs.items()):
         params = _params_file(root / f"run{i}.yaml", overrides)
         stores[label] = root / f"run{i}.zarr"
-        r = run_analyze(s.folder, stores[label], root / f"run{i}.cache", spectral, workers, params=params)
+        try:
+            r = run_analyze(s.folder, stores[label], root / f"run{i}.cache", spectral, workers, params=params)
+        except RuntimeError as exc:  # record it, and still time the other runs
+            runs[label] = {"error": str(exc).strip().splitlines()[-1]}
+            continue
         runs[label] = {**r, "bytes_per_s": raw["bytes"] / r["wall_s"], "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
-        if label != "cpu":
+        if label != "cpu" and "error" not in runs.get("cpu", {}):
             diffs = largest_differences(open_tree(stores[label]), open_tree(stores["cpu"]))
             worst = max(diffs, key=diffs.get)
             runs[label].update(largest_difference=diffs[worst], largest_difference_variable=worst, differences=diffs)
@@ -539,6 +543,9 @@ def format_tables(results: dict) -> str:
                      f"{', --spectral' if r['spectral'] else ''}), GPU {r['gpu']}, raw read {_gb(r['raw_bytes_per_s'])} GB/s")
         lines.append(f"{'run':22s} {'wall s':>8s} {'GB/s':>6s} {'ratio':>6s} {'peak anon GB':>12s}  largest difference from cpu")
         for label, x in r["runs"].items():
+            if "error" in x:
+                lines.append(f"{label:22s} failed: {x['error']}")
+                continue
             diff = (f"{x['largest_difference']:.1e} ({x['largest_difference_variable']})"
                     if "largest_difference" in x else "-")
             lines.append(f"{label:22s} {x['wall_s']:8.2f} {_gb(x['bytes_per_s']):>6s} {x['ratio']:6.2f} "

@@ -70,9 +70,13 @@ def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
 def _local_cluster(settings: ClusterSettings):
     quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
     if settings.gpu != "off" and torch.cuda.is_available():
-        from dask_cuda import LocalCUDACluster  # extra `gpu`
-
-        return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
+        try:
+            from dask_cuda import LocalCUDACluster  # extra `gpu`
+        except ImportError:  # workers below still use the GPU (measure.device: auto), one context each
+            logging.getLogger(__name__).warning("CUDA is visible but dask-cuda is not installed "
+                                                "(pip install thermoscope[gpu]): CPU-style workers share the GPU")
+        else:
+            return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
     config = {}
     if settings.processes:  # fork the workers from the preloaded server (pipeline/forkserver.py)
