@@ -3,8 +3,9 @@
 #   1. tests/test_gpu.py (CPU and GPU give the same numbers; dask-cuda workers in full fp32) and
 #      tests/test_measure.py (the streaming kernel against the direct definitions, here on cuda);
 #   2. benchmarks/throughput.py --mode devices: one series analysed on CPU worker processes and on
-#      dask-cuda GPU workers (default slice, and one slice per block), wall times and each stored
-#      variable's largest difference from the CPU store; default metrics, then --spectral.
+#      dask-cuda GPU workers (1, 2, 4 tasks at once), wall times and each stored variable's largest
+#      difference from the CPU store; default metrics, then --spectral;
+#   3. benchmarks/throughput.py --mode throughput on the GPU (default params): marginal rate.
 # Packages the machine lacks can come as wheels in .whl/ (installed to /tmp/site, over nothing of
 # the machine's own: its torch and CUDA stay). Logs go to $OUT (or ./gpu-logs).
 # Usage: bash benchmarks/gpu_check.sh [MB per checkpoint, default 1024] [checkpoints, default 8]
@@ -31,3 +32,5 @@ timeout 240 python3 benchmarks/throughput.py --mode devices --size "$size" --che
     | tee "$out/devices.log"
 timeout 150 python3 benchmarks/throughput.py --mode devices --size $((size / 4)) --checkpoints 4 --spectral --json 2>&1 \
     | tee "$out/devices_spectral.log"
+timeout 150 python3 benchmarks/throughput.py --mode throughput --size "$size" --checkpoints "$count" 2>&1 \
+    | tee "$out/throughput.log"

@@ -382,18 +382,16 @@ def _params_file(path: Path, overrides: dict) -> Path:
 
 def devices(root: Path, size_mb, n, dtype="fp32", spectral=False, workers=None, device="cuda") -> dict:
     """The same series analysed with torch on the CPU (CPU worker processes) and on ``device``
-    (dask-cuda workers when it is ``cuda``), with the default slice and with one slice per block
-    (cache blocking is a CPU-cache concern): wall time, rate, and each stored variable's largest
-    difference from the CPU store relative to its scale (``largest_differences``)."""
+    (dask-cuda workers when it is ``cuda``, with 1, 2 and 4 tasks at once per worker,
+    ``dask.gpu_threads``): wall time, rate, and each stored variable's largest difference from
+    the CPU store relative to its scale (``largest_differences``)."""
     from pipeline.store import largest_differences, open_tree
 
     s = Series(root / "dev", size_mb, dtype)
     s.extend(n)
     raw = raw_read_rate(s.files)
-    block = _repo_params()["measure"]["block_elems"]
     configs = {"cpu": {"measure": {"device": "cpu"}, "dask": {"gpu": "off"}},  # the reference
-               device: {"measure": {"device": device}},
-               f"{device} slice=block": {"measure": {"device": device, "slice_elems": block}}}
+               **{f"{device} threads={k}": {"measure": {"device": device}, "dask": {"gpu_threads": k}} for k in (1, 2, 4)}}
     runs, stores = {}, {}
     for i, (label, overrides) in enumerate(configs.items()):
         params = _params_file(root / f"run{i}.yaml", overrides)

@@ -83,7 +83,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     ``spectral`` (n, 2) when on; ``ensemble_log_var`` / ``ensemble_frozen`` hold one value per
     completed window starting at or after the window containing ``resume_from``.
 
-    Cache blocking: the block is walked in slices of about ``slice_elems`` elements, each slice
+    Cache blocking (CPU): the block is walked in slices of about ``slice_elems`` elements, each slice
     streamed through all checkpoints before the next, so the slice's lag buffer stays in the CPU
     cache while the band and the ensemble window are computed; each checkpoint byte is read
     once. All statistics are additive over slices (``merge_partials``). With ``spectral`` a 2-D
@@ -91,7 +91,8 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     once more per checkpoint into one buffer (the only second read; memory one fp32 copy plus
     the float64 Gram work, instead of a lag buffer of whole matrices).
     """
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    on_cpu = resolve_device(settings.device) == "cpu"  # on a GPU, per-slice launches cost more than cache saves
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems) if on_cpu else task.stop - task.start
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
     pick = _block_sample(task, settings)
     parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
