@@ -3,7 +3,7 @@
 #   1. tests/test_gpu.py (CPU and GPU give the same numbers; dask-cuda workers in full fp32) and
 #      tests/test_measure.py (the streaming kernel against the direct definitions, here on cuda);
 #   2. benchmarks/throughput.py --mode devices: one series analysed on CPU worker processes and on
-#      dask-cuda GPU workers (1, 2, 4 tasks at once), wall times and each stored variable's largest
+#      dask-cuda GPU workers, wall times and each stored variable's largest
 #      difference from the CPU store; default metrics, then --spectral;
 #   3. benchmarks/throughput.py --mode throughput on the GPU (default params): marginal rate.
 # Packages the machine lacks can come as wheels in .whl/ (installed to /tmp/site, over nothing of

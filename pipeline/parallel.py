@@ -32,7 +32,6 @@ class ClusterSettings:
     n_workers: int | None = None  # local cluster size; None = one per core
     memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
     gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
-    gpu_threads: int = 1  # tasks at once on each GPU worker
     processes: bool = True  # local workers as processes (forked from a preloaded server), or threads (False)
 
 
@@ -77,7 +76,7 @@ def _local_cluster(settings: ClusterSettings):
             logging.getLogger(__name__).warning("CUDA is visible but dask-cuda is not installed "
                                                 "(pip install thermoscope[gpu]): CPU-style workers share the GPU")
         else:
-            return LocalCUDACluster(threads_per_worker=settings.gpu_threads, memory_limit=settings.memory_limit, **quiet)
+            return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
     config = {}
     if settings.processes:  # fork the workers from the preloaded server (pipeline/forkserver.py)

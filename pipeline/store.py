@@ -119,8 +119,9 @@ def largest_differences(tree: xr.DataTree, reference: xr.DataTree) -> dict[str, 
     """For each numeric variable of each node (``node/variable``): the largest absolute
     difference between ``tree`` and ``reference``, divided by the reference's largest finite
     magnitude (dimensionless; 0 = equal). ``inf`` where the shapes or the NaN/Inf entries differ,
-    or a variable is missing from ``tree``. Used to show that two stores of the same series
-    agree, e.g. measured with torch on the CPU and on a GPU."""
+    or a variable is missing from ``tree``; NaN where both hold no finite value (nothing to
+    compare). Used to show that two stores of the same series agree, e.g. measured with torch
+    on the CPU and on a GPU."""
     out = {}
     for node in reference.subtree:
         for name, ref in node.dataset.data_vars.items():
@@ -139,6 +140,9 @@ def largest_differences(tree: xr.DataTree, reference: xr.DataTree) -> dict[str, 
             finite = np.isfinite(b)
             if not (np.isfinite(a) == finite).all() or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
                 out[key] = float("inf")
+                continue
+            if not finite.any():
+                out[key] = float("nan")
                 continue
             diff = np.abs(a[finite] - b[finite]).max(initial=0.0)
             scale = np.abs(b[finite]).max(initial=0.0)

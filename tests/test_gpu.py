@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_factory import write_flat
 from pipeline.analyze import analyze
 from pipeline.manifest import TensorInfo
 from pipeline.measure import BlockTask, MeasureSettings, measure_block
 from pipeline.parallel import ClusterSettings, dask_client
+from pipeline.simulate import LayerSpec, simulate_quadratic_series
 from pipeline.store import largest_differences, open_tree
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
@@ -79,12 +79,20 @@ def test_gpu_workers_compute_in_full_fp32():
 
 
 def test_store_from_gpu_workers_matches_cpu_workers(tmp_path):
-    write_flat(tmp_path / "run", range(0, 200, 10), dtype=torch.bfloat16)
-    common = dict(max_lag=4, ensemble_window=4, entropy_sample=4096, block_elems=16, spectral=True)
+    """Langevin dynamics (SGD with Gaussian gradient noise on quadratics, bf16 checkpoints, two
+    LR plateaus): the thermodynamic variables are finite, and the GPU store equals the CPU one
+    to 1e-4 of each variable's scale (derived quantities amplify the ~1e-7 differences of the
+    measured sums)."""
+    specs = [LayerSpec(noise_std=s, curvature_min=0.1, weight_scale=0.1) for s in (0.01, 0.02, 0.04)]
+    simulate_quadratic_series(tmp_path / "run", specs, [(160, 0.01), (160, 0.03)], checkpoint_every=4, dtype="BF16")
+    common = dict(max_lag=8, ensemble_window=8, entropy_sample=4096, block_elems=64, spectral=True)
     cpu = analyze(tmp_path / "run", tmp_path / "cpu.zarr", MeasureSettings(device="cpu", **common),
                   ClusterSettings(gpu="off", n_workers=2))
     gpu = analyze(tmp_path / "run", tmp_path / "gpu.zarr", MeasureSettings(**common), ClusterSettings())
     diffs = largest_differences(open_tree(gpu), open_tree(cpu))
     for key, diff in sorted(diffs.items()):
         print(f"store {key}: largest relative difference {diff:.2e}")
-    assert diffs and max(diffs.values()) <= 1e-4, {k: v for k, v in diffs.items() if v > 1e-4}
+    compared = {k: v for k, v in diffs.items() if not np.isnan(v)}
+    assert {f"run/{v}" for v in ("temperature", "heat", "work", "sq_distance", "ensemble_entropy",
+                                 "spectral_entropy")} <= compared.keys()
+    assert max(compared.values()) <= 1e-4, {k: v for k, v in compared.items() if v > 1e-4}

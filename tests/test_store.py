@@ -65,5 +65,8 @@ def test_largest_differences_are_relative_to_the_reference_scale():
     holed = ref.copy(deep=True)
     holed["run"].dataset.weight_rms[0, 1] = np.nan  # NaN where the reference is finite
     assert largest_differences(holed, ref)["run/weight_rms"] == float("inf")
+    empty = ref.copy(deep=True)
+    empty["run"].dataset.weight_rms[:] = np.nan
+    assert np.isnan(largest_differences(empty, empty)["run/weight_rms"])  # nothing to compare
     missing = xr.DataTree.from_dict({"/": xr.Dataset(), "/run": xr.Dataset()})
     assert largest_differences(missing, ref)["run/weight_rms"] == float("inf")
