@@ -2,7 +2,7 @@
 
 Usage (see benchmarks/README.md):
     python benchmarks/throughput.py --size 512 --checkpoints 8 [--dtype bf16|fp32] [--spectral]
-           [--workers W] [--mode throughput|memory|scaling|incremental|big|spectral|all] [--json]
+           [--workers W] [--mode throughput|memory|scaling|incremental|big|spectral|devices|all] [--json]
 
 Every figure is measured in the same run on the same files: a synthetic random-walk series of
 transformer-shaped layers is written (``--dir`` or a temp dir, removed afterwards), the raw

@@ -19,7 +19,7 @@ from .cache import LayerCache, merge
 from .discovery import discover
 from .manifest import Manifest, Run
 from .measure import BlockTask, MeasureSettings, layer_blocks
-from .parallel import ClusterSettings, dask_client, dashboard_link, run_tasks
+from .parallel import ClusterSettings, check_device, dask_client, dashboard_link, run_tasks
 from .store import annotate, node_name, write_tree
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -52,6 +52,7 @@ def measure_manifest(manifest: Manifest, settings: MeasureSettings, cluster: Clu
         todo.update(_block_tasks(run, settings, starts))
     results = {k: v for k, v in cached.items() if k not in todo}
     if todo:
+        check_device(settings.device, cluster)
         with dask_client(cluster) as client:
             if progress and dashboard_link(client):
                 progress(f"dask dashboard: {dashboard_link(client)}", 0, len(todo))

@@ -21,6 +21,7 @@ import torch
 from distributed import Client, LocalCluster, as_completed
 
 from . import forkserver
+from .errors import InputError
 from .measure import BlockTask, MeasureSettings, finalize_layer, measure_block
 
 
@@ -37,6 +38,14 @@ class ClusterSettings:
 
 def resolve_address(settings: ClusterSettings) -> str | None:
     return settings.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def check_device(device: str, settings: ClusterSettings) -> None:
+    """Fail before any work, with a clear line, when ``measure.device`` names CUDA and the local
+    cluster would have none (the workers of an existing cluster may: not checked there)."""
+    if device.startswith("cuda") and not resolve_address(settings) and not torch.cuda.is_available():
+        raise InputError("params.yaml", f"measure.device is '{device}' but no CUDA device is visible here "
+                                        "(use 'auto' or 'cpu')")
 
 
 @contextlib.contextmanager

@@ -325,3 +325,15 @@ def test_truncation(scratch, cut):
 def test_forged_length_prefix(scratch, length):
     path = _fresh(scratch, struct.pack("<Q", length) + VALID[8:])
     _read_everything(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error_before_any_work(tmp_path):
+    from pipeline.analyze import analyze
+    from pipeline.measure import MeasureSettings
+    from pipeline.parallel import ClusterSettings
+
+    cf.write_flat(tmp_path / "run", range(0, 50, 10))
+    with pytest.raises(InputError, match="measure.device is 'cuda' but no CUDA device is visible"):
+        analyze(tmp_path / "run", tmp_path / "out.zarr", MeasureSettings(device="cuda"), ClusterSettings(n_workers=1))
+    assert not (tmp_path / "out.zarr").exists()
