@@ -1,7 +1,8 @@
 """Streaming measurement of one (run, layer, row block): each checkpoint byte is read once.
 
-A task receives file paths (never open handles) and walks its row block in cache-sized slices;
-each slice goes through the checkpoints in step order keeping only what the estimators need:
+A task receives file paths (never open handles) and walks its row block in cache-sized slices
+(on a GPU: the whole block as one slice); each slice goes through the checkpoints in step
+order keeping only what the estimators need:
 the last max(max_lag, ensemble_window) + 1 values and the last ``max_lag`` increments (for the
 squared-distance band and the ensemble windows) and a fixed random subsample of coordinates
 (for the value-distribution entropy). It returns small per-step arrays. ``finalize_layer``
@@ -38,7 +39,7 @@ class MeasureSettings:
     block_elems: int = 2**22  # elements per row block: one Dask task, the unit of parallelism
     ensemble_window: int = 8  # checkpoints per ensemble-entropy window
     spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block, read once more per checkpoint)
-    slice_elems: int = 2**17  # elements per cache slice; task memory ~ slice x 4 B x (max_lag + max(max_lag, ensemble_window) + 1)
+    slice_elems: int = 2**17  # elements per cache slice (CPU); task memory ~ slice x 4 B x (max_lag + max(max_lag, ensemble_window) + 1)
     device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
 
