@@ -91,3 +91,14 @@ def test_window_log_var_sum_frozen_coordinates_and_too_few():
     assert got == pytest.approx(math.log((resid**2).sum() / 8), rel=1e-5)
     with pytest.raises(ValueError):
         window_log_var_sum([torch.ones(3), torch.ones(3)], [0, 1])
+
+
+@pytest.mark.slow  # two analyze subprocesses
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine benchmarks/gpu_check.sh runs the real comparison")
+def test_devices_mode_times_cpu_and_reports_a_missing_gpu_in_one_line(tmp_path):
+    bench = _bench()
+    out = bench.devices(tmp_path, 0.05, 2, workers=1)
+    assert out["runs"]["cpu"]["wall_s"] > 0 and out["gpu"] is None
+    assert "no CUDA device is visible" in out["runs"]["cuda"]["error"]
+    table = bench.format_tables({"devices": out})
+    assert "cuda" in table and "failed:" in table
