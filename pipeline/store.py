@@ -115,36 +115,33 @@ def node_name(run_name: str) -> str:
     return run_name.replace("/", "_") or "run"
 
 
+def relative_difference(values, reference) -> float:
+    """Largest absolute difference between two arrays, divided by the reference's largest finite
+    magnitude (dimensionless; 0 = equal). ``inf`` where the shapes or the NaN/Inf entries
+    differ; NaN where neither holds a finite value (nothing to compare)."""
+    a, b = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
+    if a.shape != b.shape:
+        return float("inf")
+    finite = np.isfinite(b)
+    if not (np.isfinite(a) == finite).all() or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+        return float("inf")
+    if not finite.any():
+        return float("nan")
+    diff, scale = np.abs(a[finite] - b[finite]).max(), np.abs(b[finite]).max()
+    return 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+
+
 def largest_differences(tree: xr.DataTree, reference: xr.DataTree) -> dict[str, float]:
-    """For each numeric variable of each node (``node/variable``): the largest absolute
-    difference between ``tree`` and ``reference``, divided by the reference's largest finite
-    magnitude (dimensionless; 0 = equal). ``inf`` where the shapes or the NaN/Inf entries differ,
-    or a variable is missing from ``tree``; NaN where both hold no finite value (nothing to
-    compare). Used to show that two stores of the same series agree, e.g. measured with torch
-    on the CPU and on a GPU."""
+    """``relative_difference`` of each numeric variable of each node (key ``node/variable``);
+    ``inf`` for a variable missing from ``tree``. Shows that two stores of the same series
+    agree, e.g. measured with torch on the CPU and on a GPU."""
     out = {}
     for node in reference.subtree:
         for name, ref in node.dataset.data_vars.items():
-            if not np.issubdtype(ref.dtype, np.number):
-                continue
-            key = f"{node.path.strip('/') or '/'}/{name}"
-            try:
-                a = np.asarray(tree[node.path].dataset[name].values, dtype=float)
-            except KeyError:
-                out[key] = float("inf")
-                continue
-            b = np.asarray(ref.values, dtype=float)
-            if a.shape != b.shape:
-                out[key] = float("inf")
-                continue
-            finite = np.isfinite(b)
-            if not (np.isfinite(a) == finite).all() or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
-                out[key] = float("inf")
-                continue
-            if not finite.any():
-                out[key] = float("nan")
-                continue
-            diff = np.abs(a[finite] - b[finite]).max(initial=0.0)
-            scale = np.abs(b[finite]).max(initial=0.0)
-            out[key] = 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+            if np.issubdtype(ref.dtype, np.number):
+                key = f"{node.path.strip('/') or '/'}/{name}"
+                try:
+                    out[key] = relative_difference(tree[node.path].dataset[name].values, ref.values)
+                except KeyError:
+                    out[key] = float("inf")
     return out

@@ -20,7 +20,7 @@ from pipeline.manifest import TensorInfo
 from pipeline.measure import BlockTask, MeasureSettings, measure_block
 from pipeline.parallel import ClusterSettings, dask_client
 from pipeline.simulate import LayerSpec, simulate_quadratic_series
-from pipeline.store import largest_differences, open_tree
+from pipeline.store import largest_differences, open_tree, relative_difference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -43,13 +43,6 @@ def _series(tmp_path, dtype) -> BlockTask:
     return BlockTask("run", TensorInfo("w", (ROWS, COLS), code), 0, ROWS, tuple(files), tuple(range(N_CKPT)), 0)
 
 
-def _relative(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    ok = np.isfinite(b)
-    return float(np.abs(a[ok] - b[ok]).max(initial=0) / max(np.abs(b[ok]).max(initial=0), 1e-300))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slice_elems", [131072, 1 << 22])  # the CPU's slices; the GPU takes the whole block
 def test_measure_block_on_gpu_matches_cpu(tmp_path, dtype, slice_elems):
@@ -60,7 +53,7 @@ def test_measure_block_on_gpu_matches_cpu(tmp_path, dtype, slice_elems):
     for exact in ("count", "nonfinite", "ensemble_frozen", "sample"):  # same fp32 values, no arithmetic
         np.testing.assert_array_equal(gpu[exact], cpu[exact], err_msg=exact)
     for name in ("sum", "sumsq", "sq_distance", "ensemble_log_var", "spectral"):
-        diff = _relative(gpu[name], cpu[name])
+        diff = relative_difference(gpu[name], cpu[name])
         print(f"{dtype} cpu slice {slice_elems}: {name} largest relative difference {diff:.2e}")
         assert diff <= TOLERANCE, name
 
