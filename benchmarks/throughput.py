@@ -405,7 +405,7 @@ def devices(root: Path, size_mb, n, dtype="fp32", spectral=False, workers=None, 
         runs[label] = {**r, "bytes_per_s": raw["bytes"] / r["wall_s"], "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
         if label != "cpu" and "error" not in runs.get("cpu", {}):
             diffs = largest_differences(open_tree(stores[label]), open_tree(stores["cpu"]))
-            worst = max(diffs, key=diffs.get)
+            worst = max(diffs, key=lambda k: -math.inf if math.isnan(diffs[k]) else diffs[k])  # NaN: nothing compared
             runs[label].update(largest_difference=diffs[worst], largest_difference_variable=worst, differences=diffs)
     shutil.rmtree(s.folder)
     return {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "spectral": spectral, "n_params": s.n_params,
