@@ -127,3 +127,24 @@ def write_raw(path, header, data: bytes = b"", length: int | None = None) -> str
         f.write(body)
         f.write(data)
     return str(Path(path).resolve())
+
+
+def write_random_walk(folder, shape, n: int, nan_at=None, seed: int = 0, dtype=torch.float32):
+    """A random walk with drift (values ~0.1, steps ~1e-3) of ``n`` checkpoints of one tensor
+    ``w`` saved in ``dtype`` (``step_000.safetensors`` ...); ``nan_at`` = (checkpoint, row, col)
+    poisoned with NaN and (row+1, col) with +Inf. Returns (fp32 values as written before the
+    cast, file paths, steps 0, 10, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 * torch.randn(shape, generator=g)
+    drift = 1e-3 * torch.randn(shape, generator=g)
+    values, files = [], []
+    for i in range(n):
+        v = x.clone()
+        if nan_at and nan_at[0] == i:
+            v[nan_at[1], nan_at[2]] = float("nan")
+            v[nan_at[1] + 1, nan_at[2]] = float("inf")
+        values.append(v)
+        files.append(str(Path(folder) / f"step_{i:03d}.safetensors"))
+        save_file({"w": v.to(dtype)}, files[-1])
+        x = x + drift + 1e-3 * torch.randn(shape, generator=g)
+    return values, tuple(files), tuple(range(0, 10 * n, 10))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from checkpoint_factory import write_random_walk
 from pipeline.analyze import analyze
 from pipeline.manifest import TensorInfo
 from pipeline.measure import BlockTask, MeasureSettings, measure_block
@@ -28,25 +28,17 @@ ROWS, COLS, N_CKPT = 512, 300, 11  # 153,600 elements: two slices of the default
 TOLERANCE = 1e-5  # largest difference relative to the statistic's scale (fp32 eps 1.2e-7)
 
 
-def _series(tmp_path, dtype) -> BlockTask:
-    """A random walk with drift in ``dtype``, one (ROWS, COLS) tensor, NaN and Inf in one checkpoint."""
-    g = torch.Generator().manual_seed(7)
-    x, drift, files = 0.1 * torch.randn(ROWS, COLS, generator=g), 1e-3 * torch.randn(ROWS, COLS, generator=g), []
-    for i in range(N_CKPT):
-        v = x.clone()
-        if i == 6:
-            v[3, 4], v[4, 4] = float("nan"), float("inf")
-        files.append(str(tmp_path / f"step_{i:03d}.safetensors"))
-        save_file({"w": v.to(dtype)}, files[-1])
-        x = x + drift + 1e-3 * torch.randn(ROWS, COLS, generator=g)
+def _task(tmp_path, dtype) -> BlockTask:
+    """A (ROWS, COLS) random walk in ``dtype`` with a NaN and an Inf at checkpoint 6, as one block."""
+    _, files, steps = write_random_walk(tmp_path, (ROWS, COLS), N_CKPT, nan_at=(6, 3, 4), seed=7, dtype=dtype)
     code = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
-    return BlockTask("run", TensorInfo("w", (ROWS, COLS), code), 0, ROWS, tuple(files), tuple(range(N_CKPT)), 0)
+    return BlockTask("run", TensorInfo("w", (ROWS, COLS), code), 0, ROWS, files, steps, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slice_elems", [131072, 1 << 22])  # the CPU's slices; the GPU takes the whole block
 def test_measure_block_on_gpu_matches_cpu(tmp_path, dtype, slice_elems):
-    task = _series(tmp_path, dtype)
+    task = _task(tmp_path, dtype)
     settings = {d: MeasureSettings(max_lag=4, ensemble_window=4, entropy_sample=4096, slice_elems=slice_elems,
                                    spectral=True, device=d) for d in ("cpu", "cuda")}
     cpu, gpu = (measure_block(task, settings[d]) for d in ("cpu", "cuda"))

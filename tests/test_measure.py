@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from checkpoint_factory import write_random_walk
 from pipeline.estimators.displacement import band_from_increment_dots, sq_distance_band
 from pipeline.estimators.ensemble import increment_window_statistics, window_statistics
 from pipeline.manifest import TensorInfo
@@ -22,22 +22,8 @@ ROWS, COLS, N_CKPT = 96, 40, 19
 
 
 def _series(tmp_path, nan_at=None, seed=0):
-    """A random walk with drift (values ~0.1, steps ~1e-3) of N_CKPT checkpoints, one tensor;
-    ``nan_at`` = (checkpoint, row, col) poisoned with NaN and (row+1, col) with +Inf."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.1 * torch.randn(ROWS, COLS, generator=g)
-    drift = 1e-3 * torch.randn(ROWS, COLS, generator=g)
-    values, files = [], []
-    for i in range(N_CKPT):
-        v = x.clone()
-        if nan_at and nan_at[0] == i:
-            v[nan_at[1], nan_at[2]] = float("nan")
-            v[nan_at[1] + 1, nan_at[2]] = float("inf")
-        values.append(v)
-        files.append(str(tmp_path / f"step_{i:03d}.safetensors"))
-        save_file({"w": v}, files[-1])
-        x = x + drift + 1e-3 * torch.randn(ROWS, COLS, generator=g)
-    return values, tuple(files), tuple(range(0, 10 * N_CKPT, 10))
+    """N_CKPT checkpoints of one (ROWS, COLS) random walk (``write_random_walk``)."""
+    return write_random_walk(tmp_path, (ROWS, COLS), N_CKPT, nan_at, seed)
 
 
 def _direct_band(values, max_lag):
