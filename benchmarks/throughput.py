@@ -2,7 +2,7 @@
 
 Usage (see benchmarks/README.md):
     python benchmarks/throughput.py --size 512 --checkpoints 8 [--dtype bf16|fp32] [--spectral]
-           [--workers W] [--mode throughput|memory|scaling|incremental|big|spectral|devices|all] [--json]
+           [--workers W] [--mode throughput|memory|scaling|incremental|big|spectral|devices|floor|all] [--json]
 
 Every figure is measured in the same run on the same files: a synthetic random-walk series of
 transformer-shaped layers is written (``--dir`` or a temp dir, removed afterwards), the raw
@@ -369,6 +369,98 @@ def big(root: Path, n_params=1e9, n=5, workers=None) -> dict:
             "ratio": raw["bytes"] / r["wall_s"] / raw["raw_bytes_per_s"]}
 
 
+def _block_tasks(s: Series, n: int, settings) -> list:
+    """The measure stage's row-block tasks of the first ``n`` checkpoints of ``s``."""
+    from pipeline.manifest import TensorInfo
+    from pipeline.measure import BlockTask, layer_blocks
+
+    files, steps = tuple(str(f) for f in s.files[:n]), tuple(range(0, 100 * n, 100))
+    tensors = [TensorInfo(name, tuple(t.shape), s.code) for name, t in s.state.items()]
+    return [BlockTask("run", t, a, b, files, steps) for t in tensors for a, b in layer_blocks(t, settings)]
+
+
+def _read_slices(task, settings) -> None:
+    """The kernel's reads alone: each cache slice of the block through every checkpoint."""
+    from pipeline.safetensors_io import read_rows
+
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    buffer = torch.empty(min(per_slice, task.stop - task.start) * task.tensor.row_elems)
+    for a in range(task.start, task.stop, per_slice):
+        b = min(a + per_slice, task.stop)
+        for f in task.files:
+            read_rows(f, task.tensor.name, a, b, out=buffer[: (b - a) * task.tensor.row_elems])
+
+
+def _read_and_step_ops(task, settings) -> None:
+    """Lower bound of any eager-torch kernel for the default band: the reads plus, per slice
+    and checkpoint, the four unavoidable passes (sum, sum of squares, increment, its dot
+    products with the last max_lag increments); no window statistics, no bookkeeping."""
+    from pipeline.safetensors_io import read_rows
+
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    n = min(per_slice, task.stop - task.start) * task.tensor.row_elems
+    values, ring = torch.empty((2, n)), torch.zeros((settings.max_lag, n))
+    for a in range(task.start, task.stop, per_slice):
+        m = (min(a + per_slice, task.stop) - a) * task.tensor.row_elems
+        for i, f in enumerate(task.files):
+            cur, prev = values[i % 2, :m], values[(i + 1) % 2, :m]
+            read_rows(f, task.tensor.name, a, a + m // task.tensor.row_elems, out=cur)
+            float(cur.sum()), float(torch.dot(cur, cur))
+            slot = ring[i % settings.max_lag, :m]
+            torch.sub(cur, prev, out=slot)
+            torch.mv(ring[:, :m], slot)
+
+
+def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
+    """Per-core floor of the measure kernel: one process, one torch thread, no Dask, on the
+    blocks of an n-checkpoint series (best of 2 each): the kernel's reads alone, the reads
+    plus the four unavoidable passes of an eager-torch kernel, and ``measure_block`` itself;
+    then the kernel cost of a +1-checkpoint rerun (``resume_from`` = n: ``max_lag`` priming
+    reads and one measured checkpoint) in units of one checkpoint's share of the full kernel.
+    The issue's throughput target (0.5x raw on P cores) needs 0.5 x raw / P per core."""
+    import dataclasses
+
+    from pipeline.measure import MeasureSettings, measure_block
+
+    settings = MeasureSettings()
+    s = Series(root / "floor", size_mb, dtype)
+    s.extend(n + 1)
+    raw = raw_read_rate(s.files[:n])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tasks = _block_tasks(s, n, settings)
+        grown = [dataclasses.replace(t, files=t.files + (str(s.files[n]),), steps=t.steps + (100 * n,),
+                                     resume_from=n) for t in _block_tasks(s, n, settings)]
+        kernels = {"read (cache slices)": lambda t: _read_slices(t, settings),
+                   "read + sum, sumsq, increment, lag dots": lambda t: _read_and_step_ops(t, settings),
+                   "measure_block (default metrics)": lambda t: measure_block(t, settings)}
+        seconds = {label: _best_of(2, lambda: [k(t) for t in tasks]) for label, k in kernels.items()}
+        rerun = _best_of(2, lambda: [measure_block(t, settings) for t in grown])
+    finally:
+        torch.set_num_threads(before)
+    elems = s.n_params * n
+    nbytes = sum(f.stat().st_size for f in s.files[:n])
+    shutil.rmtree(s.folder)
+    rows = {label: {"seconds": t, "ns_per_elem": t / elems * 1e9, "bytes_per_s": nbytes / t,
+                    "ratio": nbytes / t / raw["raw_bytes_per_s"]} for label, t in seconds.items()}
+    cores = os.cpu_count() or 1
+    return {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "n_params": s.n_params, "cores": cores,
+            "raw_bytes_per_s": raw["raw_bytes_per_s"], "kernels": rows,
+            "needed_per_core_ratio": 0.5 / cores,
+            "rerun_kernel_s": rerun, "rerun_over_share": rerun / (seconds["measure_block (default metrics)"] / n)}
+
+
+def _best_of(repeats: int, work) -> float:
+    """Shortest wall time (s) of ``repeats`` calls of ``work``."""
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def _params_file(path: Path, overrides: dict) -> Path:
     """This repository's params.yaml with ``overrides`` ({section: {key: value}}) applied."""
     import yaml
@@ -549,6 +641,17 @@ def format_tables(results: dict) -> str:
                     if "largest_difference" in x else "-")
             lines.append(f"{label:22s} {x['wall_s']:8.2f} {_gb(x['bytes_per_s']):>6s} {x['ratio']:6.2f} "
                          f"{_gb(x['peak_anon_bytes']):>12s}  {diff}")
+    if "floor" in results:
+        r = results["floor"]
+        lines.append(f"\nfloor (one process, one core, no Dask): {r['checkpoints']} x {r['size_mb']} MB {r['dtype']} "
+                     f"({r['n_params']:,} params), raw read {_gb(r['raw_bytes_per_s'])} GB/s")
+        lines.append(f"  {'kernel':40s} {'ns/elem':>8s} {'GB/s':>6s} {'x raw':>6s}")
+        for label, x in r["kernels"].items():
+            lines.append(f"  {label:40s} {x['ns_per_elem']:8.2f} {_gb(x['bytes_per_s']):>6s} {x['ratio']:6.2f}")
+        lines.append(f"  needed per core for 0.5x raw on {r['cores']} cores: {r['needed_per_core_ratio']:.2f} x raw "
+                     f"= {_gb(r['needed_per_core_ratio'] * r['raw_bytes_per_s'])} GB/s")
+        lines.append(f"  +1 checkpoint (resume at {r['checkpoints']}: priming reads + 1 measured): "
+                     f"{r['rerun_kernel_s']:.2f} s = {r['rerun_over_share']:.2f}x a checkpoint's kernel share")
     if "spectral" in results:
         r = results["spectral"]
         lines.append(f"\nspectral: {r['checkpoints']} x {r['size_mb']} MB: analyze --spectral {r['analyze_spectral_s']:.2f} s; "
@@ -573,7 +676,7 @@ def main(argv=None) -> int:
     kind.add_argument("--processes", action="store_true",
                       help="pass --processes to analyze (worker processes at every size: one regime for scaling fits)")
     p.add_argument("--mode", default="throughput",
-                   choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "devices", "all"])
+                   choices=["throughput", "memory", "scaling", "incremental", "big", "spectral", "devices", "floor", "all"])
     p.add_argument("--device", default="cuda",
                    help="devices: the torch device compared with the CPU (an accelerator: cuda, cuda:1, ...)")
     p.add_argument("--via", choices=sorted(RUNNERS), default="analyze",
@@ -601,6 +704,8 @@ def main(argv=None) -> int:
                                         args.device)
             elif mode == "big":
                 results[mode] = big(root, workers=args.workers)
+            elif mode == "floor":
+                results[mode] = floor(root, args.size, args.checkpoints, args.dtype)
             else:
                 results[mode] = spectral_baselines(root, args.size, args.checkpoints, dtype=args.dtype, workers=args.workers)
             print(format_tables({mode: results[mode]}), flush=True)

@@ -176,7 +176,8 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     n_out = len(task.files) - first
     n_slice = (stop - start) * task.tensor.row_elems
     offset = (start - task.start) * task.tensor.row_elems
-    pick = (block_pick[(block_pick >= offset) & (block_pick < offset + n_slice)] - offset).to(device)
+    lo, hi = torch.searchsorted(block_pick, torch.tensor([offset, offset + n_slice])).tolist()  # sorted indices
+    pick = (block_pick[lo:hi] - offset).to(device)
     out = {
         "count": np.zeros(n_out), "sum": np.zeros(n_out), "sumsq": np.zeros(n_out),
         "nonfinite": np.zeros(n_out, dtype=np.int64),

@@ -102,3 +102,18 @@ def test_devices_mode_times_cpu_and_reports_a_missing_gpu_in_one_line(tmp_path):
     assert "no CUDA device is visible" in out["runs"]["cuda"]["error"]
     table = bench.format_tables({"devices": out})
     assert "cuda" in table and "failed:" in table
+
+
+def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
+    bench = _bench()
+    out = bench.floor(tmp_path, 0.5, 9)
+    kernels = out["kernels"]
+    assert list(kernels) == ["read (cache slices)", "read + sum, sumsq, increment, lag dots",
+                             "measure_block (default metrics)"]
+    assert all(k["seconds"] > 0 and k["ratio"] > 0 for k in kernels.values())
+    # measure_block does the reads and far more: it cannot be faster than the reads alone
+    assert kernels["measure_block (default metrics)"]["seconds"] > kernels["read (cache slices)"]["seconds"]
+    # a resumed task reads max_lag = 8 earlier checkpoints besides the new one
+    assert out["rerun_over_share"] > 1.0
+    assert out["needed_per_core_ratio"] == pytest.approx(0.5 / out["cores"])
+    assert "floor" in bench.format_tables({"floor": out})
