@@ -411,6 +411,57 @@ def _read_and_step_ops(task, settings) -> None:
             torch.mv(ring[:, :m], slot)
 
 
+def _fused_step_kernel():
+    """The four unavoidable passes fused into one compiled loop (numba, when installed; else
+    None): sum, sum of squares, increment into the ring, the increment's dot products with the
+    ring rows, in sub-blocks of 2048 elements that stay in L1. A baseline for the floor only:
+    what a compiled single-pass kernel would gain over eager torch (the library stays torch)."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+
+    @njit(fastmath=True, boundscheck=False, cache=False)
+    def step(cur, prev, ring, slot, dots):  # pragma: no cover - compiled
+        lags, n = ring.shape
+        total, total_sq = 0.0, 0.0
+        dots[:] = 0.0
+        inc = ring[slot]
+        for a in range(0, n, 2048):
+            b = min(a + 2048, n)
+            s, ss = np.float32(0.0), np.float32(0.0)
+            for i in range(a, b):
+                x = cur[i]
+                s += x
+                ss += x * x
+                inc[i] = x - prev[i]
+            total += s
+            total_sq += ss
+            for k in range(lags):
+                row, d = ring[k], np.float32(0.0)
+                for i in range(a, b):
+                    d += row[i] * inc[i]
+                dots[k] += d
+        return total, total_sq
+
+    return step
+
+
+def _read_and_fused_step(task, settings, step) -> None:
+    """``_read_and_step_ops`` with the four passes as one compiled loop (``_fused_step_kernel``)."""
+    from pipeline.safetensors_io import read_rows
+
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    n = min(per_slice, task.stop - task.start) * task.tensor.row_elems
+    values, ring, dots = torch.empty((2, n)), torch.zeros((settings.max_lag, n)), np.zeros(settings.max_lag)
+    for a in range(task.start, task.stop, per_slice):
+        m = (min(a + per_slice, task.stop) - a) * task.tensor.row_elems
+        for i, f in enumerate(task.files):
+            cur, prev = values[i % 2, :m], values[(i + 1) % 2, :m]
+            read_rows(f, task.tensor.name, a, a + m // task.tensor.row_elems, out=cur)
+            step(cur.numpy(), prev.numpy(), ring[:, :m].numpy(), i % settings.max_lag, dots)
+
+
 def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
     """Per-core floor of the measure kernel: one process, one torch thread, no Dask, on the
     blocks of an n-checkpoint series (best of 2 each): the kernel's reads alone, the reads
@@ -435,8 +486,14 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
         kernels = {"read (cache slices)": lambda t: _read_slices(t, settings),
                    "read + sum, sumsq, increment, lag dots": lambda t: _read_and_step_ops(t, settings),
                    "measure_block (default metrics)": lambda t: measure_block(t, settings)}
+        step = _fused_step_kernel()
+        if step is not None:  # compile outside the timing
+            step(*(np.zeros(4, np.float32),) * 2, np.zeros((settings.max_lag, 4), np.float32), 0, np.zeros(settings.max_lag))
+            kernels["read + the same passes fused (numba)"] = lambda t: _read_and_fused_step(t, settings, step)
         seconds = {label: _best_of(2, lambda: [k(t) for t in tasks]) for label, k in kernels.items()}
         rerun = _best_of(2, lambda: [measure_block(t, settings) for t in grown])
+        cores = os.cpu_count() or 1
+        together = _kernel_on_every_core(tasks, settings, cores)
     finally:
         torch.set_num_threads(before)
     elems = s.n_params * n
@@ -444,11 +501,31 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
     shutil.rmtree(s.folder)
     rows = {label: {"seconds": t, "ns_per_elem": t / elems * 1e9, "bytes_per_s": nbytes / t,
                     "ratio": nbytes / t / raw["raw_bytes_per_s"]} for label, t in seconds.items()}
-    cores = os.cpu_count() or 1
+    rows["measure_block, one per core at once"] = {
+        "seconds": together, "ns_per_elem": together / elems * 1e9, "bytes_per_s": nbytes / together,
+        "ratio": nbytes / together / raw["raw_bytes_per_s"]}
     return {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "n_params": s.n_params, "cores": cores,
             "raw_bytes_per_s": raw["raw_bytes_per_s"], "kernels": rows,
             "needed_per_core_ratio": 0.5 / cores,
             "rerun_kernel_s": rerun, "rerun_over_share": rerun / (seconds["measure_block (default metrics)"] / n)}
+
+
+def _kernel_seconds(tasks, settings) -> float:
+    """Wall time (s) of ``measure_block`` over ``tasks`` in this process, one torch thread."""
+    from pipeline.measure import measure_block
+
+    torch.set_num_threads(1)
+    return _best_of(1, lambda: [measure_block(t, settings) for t in tasks])
+
+
+def _kernel_on_every_core(tasks, settings, cores: int) -> float:
+    """Mean wall time (s) of the same kernel run by ``cores`` forked processes at once: what
+    each core keeps of its one-core speed when all share the caches and the memory bus."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool:
+        return float(np.mean(list(pool.map(_kernel_seconds, [tasks] * cores, [settings] * cores))))
 
 
 def _best_of(repeats: int, work) -> float:
@@ -643,7 +720,7 @@ def format_tables(results: dict) -> str:
                          f"{_gb(x['peak_anon_bytes']):>12s}  {diff}")
     if "floor" in results:
         r = results["floor"]
-        lines.append(f"\nfloor (one process, one core, no Dask): {r['checkpoints']} x {r['size_mb']} MB {r['dtype']} "
+        lines.append(f"\nfloor (one torch thread per process, no Dask): {r['checkpoints']} x {r['size_mb']} MB {r['dtype']} "
                      f"({r['n_params']:,} params), raw read {_gb(r['raw_bytes_per_s'])} GB/s")
         lines.append(f"  {'kernel':40s} {'ns/elem':>8s} {'GB/s':>6s} {'x raw':>6s}")
         for label, x in r["kernels"].items():

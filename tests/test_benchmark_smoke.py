@@ -108,8 +108,8 @@ def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
     bench = _bench()
     out = bench.floor(tmp_path, 0.5, 9)
     kernels = out["kernels"]
-    assert list(kernels) == ["read (cache slices)", "read + sum, sumsq, increment, lag dots",
-                             "measure_block (default metrics)"]
+    assert {"read (cache slices)", "read + sum, sumsq, increment, lag dots", "measure_block (default metrics)",
+            "measure_block, one per core at once"} <= set(kernels)
     assert all(k["seconds"] > 0 and k["ratio"] > 0 for k in kernels.values())
     # measure_block does the reads and far more: it cannot be faster than the reads alone
     assert kernels["measure_block (default metrics)"]["seconds"] > kernels["read (cache slices)"]["seconds"]
