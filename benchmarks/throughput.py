@@ -379,36 +379,39 @@ def _block_tasks(s: Series, n: int, settings) -> list:
     return [BlockTask("run", t, a, b, files, steps) for t in tensors for a, b in layer_blocks(t, settings)]
 
 
-def _read_slices(task, settings) -> None:
-    """The kernel's reads alone: each cache slice of the block through every checkpoint."""
+def _walk_slices(task, settings, step=None) -> None:
+    """The kernel's reads: each cache slice of the block through every checkpoint (into two
+    alternating buffers); ``step(current, previous, i)`` then runs on checkpoint i's slice."""
     from pipeline.safetensors_io import read_rows
 
     per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
-    buffer = torch.empty(min(per_slice, task.stop - task.start) * task.tensor.row_elems)
+    values = torch.empty((2, _slice_capacity(task, settings)))
     for a in range(task.start, task.stop, per_slice):
         b = min(a + per_slice, task.stop)
-        for f in task.files:
-            read_rows(f, task.tensor.name, a, b, out=buffer[: (b - a) * task.tensor.row_elems])
-
-
-def _read_and_step_ops(task, settings) -> None:
-    """Lower bound of any eager-torch kernel for the default band: the reads plus, per slice
-    and checkpoint, the four unavoidable passes (sum, sum of squares, increment, its dot
-    products with the last max_lag increments); no window statistics, no bookkeeping."""
-    from pipeline.safetensors_io import read_rows
-
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
-    n = min(per_slice, task.stop - task.start) * task.tensor.row_elems
-    values, ring = torch.empty((2, n)), torch.zeros((settings.max_lag, n))
-    for a in range(task.start, task.stop, per_slice):
-        m = (min(a + per_slice, task.stop) - a) * task.tensor.row_elems
+        m = (b - a) * task.tensor.row_elems
         for i, f in enumerate(task.files):
-            cur, prev = values[i % 2, :m], values[(i + 1) % 2, :m]
-            read_rows(f, task.tensor.name, a, a + m // task.tensor.row_elems, out=cur)
-            float(cur.sum()), float(torch.dot(cur, cur))
-            slot = ring[i % settings.max_lag, :m]
-            torch.sub(cur, prev, out=slot)
-            torch.mv(ring[:, :m], slot)
+            current = read_rows(f, task.tensor.name, a, b, out=values[i % 2, :m])
+            if step is not None:
+                step(current, values[(i + 1) % 2, :m], i)
+
+
+def _slice_capacity(task, settings) -> int:
+    """Elements of the largest cache slice of ``task`` (as ``measure_block`` cuts them)."""
+    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    return min(per_slice, task.stop - task.start) * task.tensor.row_elems
+
+
+def _eager_passes(ring: torch.Tensor):
+    """Lower bound of any eager-torch kernel for the default band, as a ``_walk_slices`` step:
+    the four unavoidable passes (sum, sum of squares, increment into the (max_lag, n) ``ring``,
+    its dot products with the ring rows); no window statistics, no bookkeeping."""
+    def step(current, previous, i):
+        m = current.numel()
+        float(current.sum()), float(torch.dot(current, current))
+        increment = ring[i % ring.shape[0], :m]
+        torch.sub(current, previous, out=increment)
+        torch.mv(ring[:, :m], increment)
+    return step
 
 
 def _fused_step_kernel():
@@ -447,28 +450,24 @@ def _fused_step_kernel():
     return step
 
 
-def _read_and_fused_step(task, settings, step) -> None:
-    """``_read_and_step_ops`` with the four passes as one compiled loop (``_fused_step_kernel``)."""
-    from pipeline.safetensors_io import read_rows
+def _fused_passes(kernel, ring: torch.Tensor):
+    """``_eager_passes`` as one compiled loop (``kernel`` from ``_fused_step_kernel``)."""
+    dots = np.zeros(ring.shape[0])
 
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
-    n = min(per_slice, task.stop - task.start) * task.tensor.row_elems
-    values, ring, dots = torch.empty((2, n)), torch.zeros((settings.max_lag, n)), np.zeros(settings.max_lag)
-    for a in range(task.start, task.stop, per_slice):
-        m = (min(a + per_slice, task.stop) - a) * task.tensor.row_elems
-        for i, f in enumerate(task.files):
-            cur, prev = values[i % 2, :m], values[(i + 1) % 2, :m]
-            read_rows(f, task.tensor.name, a, a + m // task.tensor.row_elems, out=cur)
-            step(cur.numpy(), prev.numpy(), ring[:, :m].numpy(), i % settings.max_lag, dots)
+    def step(current, previous, i):
+        m = current.numel()
+        kernel(current.numpy(), previous.numpy(), ring[:, :m].numpy(), i % ring.shape[0], dots)
+    return step
 
 
 def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
-    """Per-core floor of the measure kernel: one process, one torch thread, no Dask, on the
-    blocks of an n-checkpoint series (best of 2 each): the kernel's reads alone, the reads
-    plus the four unavoidable passes of an eager-torch kernel, and ``measure_block`` itself;
-    then the kernel cost of a +1-checkpoint rerun (``resume_from`` = n: ``max_lag`` priming
-    reads and one measured checkpoint) in units of one checkpoint's share of the full kernel.
-    The issue's throughput target (0.5x raw on P cores) needs 0.5 x raw / P per core."""
+    """Per-core floor of the measure kernel: one torch thread, no Dask, on the blocks of an
+    n-checkpoint series (best of 2 each): the kernel's reads alone, the reads plus the four
+    unavoidable passes of the band as eager torch and (numba installed) fused and compiled,
+    ``measure_block`` itself, and ``measure_block`` run by one process per core at once; then
+    the kernel cost of a +1-checkpoint rerun (``resume_from`` = n: ``max_lag`` priming reads
+    and one measured checkpoint) in units of one checkpoint's share of the full kernel. The
+    issue's throughput target (0.5x raw on P cores) needs 0.5 x raw / P per core."""
     import dataclasses
 
     from pipeline.measure import MeasureSettings, measure_block
@@ -483,13 +482,14 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
         tasks = _block_tasks(s, n, settings)
         grown = [dataclasses.replace(t, files=t.files + (str(s.files[n]),), steps=t.steps + (100 * n,),
                                      resume_from=n) for t in _block_tasks(s, n, settings)]
-        kernels = {"read (cache slices)": lambda t: _read_slices(t, settings),
-                   "read + sum, sumsq, increment, lag dots": lambda t: _read_and_step_ops(t, settings),
+        ring = lambda t: torch.zeros((settings.max_lag, _slice_capacity(t, settings)))  # noqa: E731
+        kernels = {"read (cache slices)": lambda t: _walk_slices(t, settings),
+                   "read + sum, sumsq, increment, lag dots": lambda t: _walk_slices(t, settings, _eager_passes(ring(t))),
                    "measure_block (default metrics)": lambda t: measure_block(t, settings)}
         step = _fused_step_kernel()
         if step is not None:  # compile outside the timing
             step(*(np.zeros(4, np.float32),) * 2, np.zeros((settings.max_lag, 4), np.float32), 0, np.zeros(settings.max_lag))
-            kernels["read + the same passes fused (numba)"] = lambda t: _read_and_fused_step(t, settings, step)
+            kernels["read + the same passes fused (numba)"] = lambda t: _walk_slices(t, settings, _fused_passes(step, ring(t)))
         seconds = {label: _best_of(2, lambda: [k(t) for t in tasks]) for label, k in kernels.items()}
         rerun = _best_of(2, lambda: [measure_block(t, settings) for t in grown])
         cores = os.cpu_count() or 1
