@@ -382,9 +382,10 @@ def _block_tasks(s: Series, n: int, settings) -> list:
 def _walk_slices(task, settings, step=None) -> None:
     """The kernel's reads: each cache slice of the block through every checkpoint (into two
     alternating buffers); ``step(current, previous, i)`` then runs on checkpoint i's slice."""
+    from pipeline.measure import cpu_slice_rows
     from pipeline.safetensors_io import read_rows
 
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
+    per_slice = cpu_slice_rows(task, settings)
     values = torch.empty((2, _slice_capacity(task, settings)))
     for a in range(task.start, task.stop, per_slice):
         b = min(a + per_slice, task.stop)
@@ -397,8 +398,9 @@ def _walk_slices(task, settings, step=None) -> None:
 
 def _slice_capacity(task, settings) -> int:
     """Elements of the largest cache slice of ``task`` (as ``measure_block`` cuts them)."""
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems)
-    return min(per_slice, task.stop - task.start) * task.tensor.row_elems
+    from pipeline.measure import cpu_slice_rows
+
+    return min(cpu_slice_rows(task, settings), task.stop - task.start) * task.tensor.row_elems
 
 
 def _eager_passes(ring: torch.Tensor):
@@ -481,7 +483,7 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
     try:
         tasks = _block_tasks(s, n, settings)
         grown = [dataclasses.replace(t, files=t.files + (str(s.files[n]),), steps=t.steps + (100 * n,),
-                                     resume_from=n) for t in _block_tasks(s, n, settings)]
+                                     resume_from=n) for t in tasks]
         ring = lambda t: torch.zeros((settings.max_lag, _slice_capacity(t, settings)))  # noqa: E731
         kernels = {"read (cache slices)": lambda t: _walk_slices(t, settings),
                    "read + sum, sumsq, increment, lag dots": lambda t: _walk_slices(t, settings, _eager_passes(ring(t))),
@@ -493,7 +495,7 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
         seconds = {label: _best_of(2, lambda: [k(t) for t in tasks]) for label, k in kernels.items()}
         rerun = _best_of(2, lambda: [measure_block(t, settings) for t in grown])
         cores = os.cpu_count() or 1
-        together = _kernel_on_every_core(tasks, settings, cores)
+        seconds["measure_block, one per core at once"] = _kernel_on_every_core(tasks, settings, cores)
     finally:
         torch.set_num_threads(before)
     elems = s.n_params * n
@@ -501,9 +503,6 @@ def floor(root: Path, size_mb, n, dtype="fp32") -> dict:
     shutil.rmtree(s.folder)
     rows = {label: {"seconds": t, "ns_per_elem": t / elems * 1e9, "bytes_per_s": nbytes / t,
                     "ratio": nbytes / t / raw["raw_bytes_per_s"]} for label, t in seconds.items()}
-    rows["measure_block, one per core at once"] = {
-        "seconds": together, "ns_per_elem": together / elems * 1e9, "bytes_per_s": nbytes / together,
-        "ratio": nbytes / together / raw["raw_bytes_per_s"]}
     return {"size_mb": size_mb, "checkpoints": n, "dtype": dtype, "n_params": s.n_params, "cores": cores,
             "raw_bytes_per_s": raw["raw_bytes_per_s"], "kernels": rows,
             "needed_per_core_ratio": 0.5 / cores,

@@ -93,7 +93,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     the float64 Gram work, instead of a lag buffer of whole matrices).
     """
     on_cpu = resolve_device(settings.device) == "cpu"  # on a GPU, per-slice launches cost more than cache saves
-    per_slice = max(1, settings.slice_elems // task.tensor.row_elems) if on_cpu else task.stop - task.start
+    per_slice = cpu_slice_rows(task, settings) if on_cpu else task.stop - task.start
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
     pick = _block_sample(task, settings)
     parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
@@ -103,6 +103,11 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
         out["spectral"] = _spectral_series(task, out["nonfinite"] == 0, resolve_device(settings.device))
     out["dtype"] = task.tensor.dtype
     return out
+
+
+def cpu_slice_rows(task: BlockTask, settings: MeasureSettings) -> int:
+    """Rows per cache slice on a CPU: about ``slice_elems`` elements, at least one row."""
+    return max(1, settings.slice_elems // task.tensor.row_elems)
 
 
 def _block_sample(task: BlockTask, settings: MeasureSettings) -> torch.Tensor:
