@@ -42,5 +42,8 @@ browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will skip"; }
 
-clean:
-	rm -rf data/manifest.json data/measure.zarr data/thermo.zarr data/report data/.cache
+# every output path, read from params.yaml (paths): the one place they are written
+clean: install
+	$(BIN)/python -c "import dataclasses, shutil, pathlib; from pipeline.settings import load_settings; \
+	  [shutil.rmtree(p, True) if pathlib.Path(p).is_dir() else pathlib.Path(p).unlink(True) \
+	   for p in dataclasses.astuple(load_settings().paths)]"

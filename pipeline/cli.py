@@ -15,8 +15,8 @@ import traceback
 import warnings
 from dataclasses import replace
 
-from . import forkserver
-from .errors import ThermoscopeError
+from pipeline.core.errors import ThermoscopeError
+from pipeline.measure import forkserver
 
 EPILOG = """examples:
   thermoscope analyze runs/my_run --store my_run.zarr          # one run (flat or Trainer layout)
@@ -37,31 +37,54 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     kw = {"default": argparse.SUPPRESS} if suppress else {}
     c.add_argument("--debug", action="store_true", help="show the traceback of an error", **kw)
     c.add_argument("--quiet", action="store_true", help="print nothing on success", **kw)
-    c.add_argument("--json-log", action="store_true", help="progress and results as JSON lines on stderr", **kw)
+    c.add_argument(
+        "--json-log", action="store_true", help="progress and results as JSON lines on stderr", **kw
+    )
     return c
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="thermoscope", description="Thermodynamics of training, "
-                                "measured from checkpoint series.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_common(False)])
+    p = argparse.ArgumentParser(
+        prog="thermoscope",
+        description="Thermodynamics of training, measured from checkpoint series.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common(False)],
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    common = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter,
-              "parents": [_common(True)]}
+    common = {
+        "epilog": EPILOG,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+        "parents": [_common(True)],
+    }
     a = sub.add_parser("analyze", help="measure a run or sweep folder into a Zarr store", **common)
     a.add_argument("path", help="run folder (checkpoints) or sweep folder (folder of run folders)")
     a.add_argument("--store", required=True, help="output Zarr store (replaced atomically)")
     a.add_argument("--params", default=None, help="params.yaml with measure/thermo/dask sections")
-    a.add_argument("--spectral", action="store_true", help="also SVD metrics (spectral entropy, stable rank)")
-    a.add_argument("--skip-bad", action="store_true", help="skip unreadable checkpoints, record why")
+    a.add_argument(
+        "--spectral", action="store_true", help="also SVD metrics (spectral entropy, stable rank)"
+    )
+    a.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable checkpoints, record why"
+    )
     a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
-    a.add_argument("--workers", type=int, default=None, help="local cluster size (default: one per core)")
+    a.add_argument(
+        "--workers", type=int, default=None, help="local cluster size (default: one per core)"
+    )
     workers = a.add_mutually_exclusive_group()
-    workers.add_argument("--threads", action="store_true",
-                         help="local workers as threads of this process (share its GIL: slower)")
-    workers.add_argument("--processes", action="store_true",
-                         help="local workers as processes (the default, unless params.yaml says otherwise)")
-    a.add_argument("--cache", default=None, help="measurement cache folder (default: next to the store)")
+    workers.add_argument(
+        "--threads",
+        action="store_true",
+        help="local workers as threads of this process (share its GIL: slower)",
+    )
+    workers.add_argument(
+        "--processes",
+        action="store_true",
+        help="local workers as processes (the default, unless params.yaml says otherwise)",
+    )
+    a.add_argument(
+        "--cache", default=None, help="measurement cache folder (default: next to the store)"
+    )
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
     r.add_argument("--out", required=True, help="report folder (index.html, metrics.json, plots/)")
@@ -72,45 +95,62 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings(args):
+    """params.yaml (when given) with the command line's overrides on top."""
+    from pipeline.settings import Settings, load_params
+
+    settings = Settings.from_params(load_params(args.params) if args.params else None)
+    processes = False if args.threads else True if args.processes else settings.dask.processes
+    return replace(
+        settings,
+        checkpoints=replace(
+            settings.checkpoints, skip_bad=args.skip_bad or settings.checkpoints.skip_bad
+        ),
+        measure=replace(settings.measure, spectral=args.spectral or settings.measure.spectral),
+        dask=replace(
+            settings.dask,
+            scheduler_address=args.scheduler or settings.dask.scheduler_address,
+            n_workers=args.workers or settings.dask.n_workers,
+            processes=processes,
+        ),
+    )
+
+
 def _analyze(args, progress) -> dict:
-    from .discovery import discover
+    from pipeline.ingest.discovery import discover
 
-    params = {}
-    if args.params:
-        from .params import load_params
-
-        params = load_params(args.params)
-    skip = args.skip_bad or bool((params.get("checkpoints") or {}).get("skip_bad"))
+    settings = _settings(args)
+    skip = settings.checkpoints.skip_bad
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
     manifest = discover(args.path, skip_bad=skip)
-    processes = False if args.threads else True if args.processes else None  # None: as params.yaml says
     # worker processes may be forked: start their imports now, beside this process's
-    forkserver.start_early(params.get("dask") or {}, processes, args.scheduler)
+    forkserver.start_early(settings.dask)
 
-    from .analyze import analyze
-    from .params import cluster_settings, measure_settings
+    from pipeline.analyze import analyze
 
-    measure = measure_settings(params)
-    if args.spectral:
-        measure = replace(measure, spectral=True)
-    cluster = cluster_settings(params)
-    cluster = replace(cluster, scheduler_address=args.scheduler or cluster.scheduler_address,
-                      n_workers=args.workers or cluster.n_workers,
-                      processes=cluster.processes if processes is None else processes)
-    store = analyze(args.path, args.store, measure, cluster, params.get("thermo") or {},
-                    skip_bad=skip, cache_dir=args.cache, progress=progress, manifest=manifest)
+    store = analyze(
+        args.path,
+        args.store,
+        settings.measure,
+        settings.dask,
+        settings.thermo,
+        skip_bad=skip,
+        cache_dir=args.cache,
+        progress=progress,
+        manifest=manifest,
+    )
     return {"store": str(store)}
 
 
 def _report(args, progress) -> dict:
-    from .report import render_report
+    from pipeline.report.render import render_report
 
     return {"report": str(render_report(args.store, args.out))}
 
 
 def _check(args, progress) -> dict:
-    from .validate import check, format_table
+    from pipeline.ingest.validate import check, format_table
 
     rows = check(args.path)
     if not args.json_log:
@@ -120,7 +160,7 @@ def _check(args, progress) -> dict:
 
 
 def _demo(args, progress) -> dict:
-    from .demo import make_demo
+    from pipeline.demo import make_demo
 
     return {"demo": str(make_demo(args.root))}
 
@@ -130,7 +170,7 @@ COMMANDS = {"analyze": _analyze, "report": _report, "check": _check, "demo": _de
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .progress import progress_printer
+    from pipeline.core.progress import progress_printer
 
     progress = progress_printer("quiet" if args.quiet else "json" if args.json_log else "bar")
     if args.json_log:
@@ -155,8 +195,17 @@ def main(argv=None) -> int:
 
 def _json_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """--json-log: a Python warning becomes one JSON line too."""
-    print(json.dumps({"event": "warning", "category": category.__name__, "message": str(message),
-                      "where": f"{filename}:{lineno}"}), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "event": "warning",
+                "category": category.__name__,
+                "message": str(message),
+                "where": f"{filename}:{lineno}",
+            }
+        ),
+        file=sys.stderr,
+    )
 
 
 def _fail(args, exc, code, internal=False) -> int:
@@ -164,7 +213,10 @@ def _fail(args, exc, code, internal=False) -> int:
         traceback.print_exception(exc, file=sys.stderr)
     what = f"internal error ({exc.__class__.__name__}): {exc}" if internal else str(exc)
     if args.json_log:
-        print(json.dumps({"event": "error", "command": args.command, "message": what}), file=sys.stderr)
+        print(
+            json.dumps({"event": "error", "command": args.command, "message": what}),
+            file=sys.stderr,
+        )
     else:
         print(f"thermoscope {args.command}: error: {what}", file=sys.stderr)
     return code

@@ -19,19 +19,20 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.atomic import replace_dir, write_text
-from pipeline.errors import InputError
+from pipeline.core.atomic import replace_dir, write_text
+from pipeline.core.errors import InputError
 
 DEMO_FORMAT = 1  # bump when the files written change, so old demos are regenerated
 MARKER = "demo.json"
@@ -104,8 +105,13 @@ class DigitsMLP(nn.Module):
     classifier); activation ``activations[i]`` follows hidden layer i, identity follows the
     classifier (softmax lives in the cross-entropy loss)."""
 
-    def __init__(self, hidden: Sequence[int] = (64, 32), activations: Sequence[str] = ("tanh", "relu"),
-                 n_in: int = 64, n_out: int = 10):
+    def __init__(
+        self,
+        hidden: Sequence[int] = (64, 32),
+        activations: Sequence[str] = ("tanh", "relu"),
+        n_in: int = 64,
+        n_out: int = 10,
+    ):
         super().__init__()
         if len(hidden) != len(activations):
             raise ValueError(f"{len(hidden)} hidden layers but {len(activations)} activations")
@@ -194,19 +200,28 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
     while True:
         perm = torch.randperm(n, generator=generator)
         for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i:i + batch_size]
+            yield perm[i : i + batch_size]
 
 
 def _write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _save_checkpoint(run_dir: Path, model: nn.Module, step: int, dtype: torch.dtype,
-                     history: list[dict], n_steps: int, every: int) -> None:
+def _save_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    step: int,
+    dtype: torch.dtype,
+    history: list[dict],
+    n_steps: int,
+    every: int,
+) -> None:
     ckpt = run_dir / f"checkpoint-{step}"
     ckpt.mkdir()
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"step": str(step), "format": "pt"})
+    save_file(
+        tensors, str(ckpt / "model.safetensors"), metadata={"step": str(step), "format": "pt"}
+    )
     state = {
         "global_step": step,
         "max_steps": n_steps,
@@ -235,16 +250,27 @@ def _check_run_args(out_dir: Path, n_steps, checkpoint_every, batch_size, dtype,
     if dtype not in _DTYPES:
         raise InputError(out_dir, f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     if n_steps < 1 or checkpoint_every < 1:
-        raise InputError(out_dir, f"n_steps ({n_steps}) and checkpoint_every ({checkpoint_every}) must be >= 1")
+        raise InputError(
+            out_dir, f"n_steps ({n_steps}) and checkpoint_every ({checkpoint_every}) must be >= 1"
+        )
     if not 1 <= batch_size <= n_train:
         raise InputError(out_dir, f"batch_size {batch_size} must be in 1..{n_train}")
     if out_dir.exists() and any(out_dir.glob("checkpoint-*")):
         raise InputError(out_dir, "already holds checkpoint-* folders; refusing to mix runs")
 
 
-def train_digits_run(out_dir, lr_schedule: Callable[[int], float], n_steps: int, checkpoint_every: int,
-                     batch_size: int = 32, seed: int = 0, hidden=(64, 32), activations=("tanh", "relu"),
-                     dtype: str = "F32", label_noise: float = 0.0) -> Path:
+def train_digits_run(
+    out_dir,
+    lr_schedule: Callable[[int], float],
+    n_steps: int,
+    checkpoint_every: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    hidden=(64, 32),
+    activations=("tanh", "relu"),
+    dtype: str = "F32",
+    label_noise: float = 0.0,
+) -> Path:
     """Train ``DigitsMLP`` with plain minibatch SGD (no momentum, no weight decay) on the
     standardized digits training split and save a Trainer-layout series under ``out_dir``.
 
@@ -272,8 +298,12 @@ def train_digits_run(out_dir, lr_schedule: Callable[[int], float], n_steps: int,
             _sgd_step(model, data, next(batches), _lr(lr_schedule, step, out_dir))
             done = step + 1
             if done % checkpoint_every == 0 or done == n_steps:
-                history.append(_log_entry(model, data, done, _lr(lr_schedule, done, out_dir), batch_size))
-                _save_checkpoint(out_dir, model, done, _DTYPES[dtype], history, n_steps, checkpoint_every)
+                history.append(
+                    _log_entry(model, data, done, _lr(lr_schedule, done, out_dir), batch_size)
+                )
+                _save_checkpoint(
+                    out_dir, model, done, _DTYPES[dtype], history, n_steps, checkpoint_every
+                )
     return out_dir
 
 
@@ -353,8 +383,10 @@ def _is_complete(root: Path, settings: DemoSettings) -> bool:
         return False
     if marker != settings.to_json():
         return False
-    return all((root / run / f"checkpoint-{settings.n_steps}" / "trainer_state.json").is_file()
-               for run in settings.runs())
+    return all(
+        (root / run / f"checkpoint-{settings.n_steps}" / "trainer_state.json").is_file()
+        for run in settings.runs()
+    )
 
 
 def make_demo(root, quick: bool = False) -> Path:
@@ -375,9 +407,18 @@ def make_demo(root, quick: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         for name, schedule in settings.runs().items():
-            train_digits_run(tmp / name, schedule, settings.n_steps, settings.checkpoint_every,
-                             settings.batch_size, settings.seed, settings.hidden,
-                             settings.activations, settings.dtype, settings.label_noise)
+            train_digits_run(
+                tmp / name,
+                schedule,
+                settings.n_steps,
+                settings.checkpoint_every,
+                settings.batch_size,
+                settings.seed,
+                settings.hidden,
+                settings.activations,
+                settings.dtype,
+                settings.label_noise,
+            )
         _write_json(tmp / MARKER, settings.to_json())
         replace_dir(tmp, root)
     except BaseException:
@@ -390,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.demo ROOT [--quick]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=make_demo.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=make_demo.__doc__.splitlines()[0]
+    )
     parser.add_argument("root", help="folder to write the demo sweep into")
     parser.add_argument("--quick", action="store_true", help="short runs (100 steps) for tests")
     args = parser.parse_args(argv)

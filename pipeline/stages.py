@@ -1,4 +1,9 @@
-"""The four DVC stages as functions of params.yaml (stages/*.py call these)."""
+"""The four DVC stages as functions of the settings (stages/*.py call these).
+
+Each stage imports what it needs inside its body, so the light stages (index, report) load
+neither torch nor Dask; ``tests/test_stage_deps.py`` checks that dvc.yaml lists every module a
+stage imports.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +11,63 @@ import os
 import sys
 from pathlib import Path
 
-from . import forkserver
-from .atomic import write_text
-from .errors import ThermoscopeError
-from .manifest import Manifest
-from .params import cluster_settings, load_params, measure_settings
+from pipeline.core.atomic import write_text
+from pipeline.core.errors import ThermoscopeError
+from pipeline.settings import Settings, load_settings
 
 
-def index(params: dict) -> None:
+def index(settings: Settings) -> None:
     """Scan checkpoints.dir (generating the demo first when it points at demo.dir)."""
-    from .discovery import discover
+    from pipeline.ingest.discovery import discover
 
-    source = Path(params["checkpoints"]["dir"])
-    if source.resolve() == Path(params["demo"]["dir"]).resolve():
-        from .demo import make_demo
+    source = Path(settings.checkpoints.dir)
+    if source.resolve() == Path(settings.demo.dir).resolve():
+        from pipeline.demo import make_demo
 
         make_demo(source)
-    manifest = discover(source, skip_bad=bool(params["checkpoints"].get("skip_bad")))
-    write_text(Path(params["paths"]["manifest"]), manifest.to_json())
+    manifest = discover(source, skip_bad=settings.checkpoints.skip_bad)
+    write_text(Path(settings.paths.manifest), manifest.to_json())
 
 
-def measure(params: dict) -> None:
+def measure(settings: Settings) -> None:
     """Stream every layer through its checkpoints on the Dask cluster -> measured store."""
-    forkserver.start_early(params.get("dask") or {})  # workers' imports beside this process's
-    from .analyze import measure_manifest, measured_tree
-    from .progress import progress_printer
-    from .store import write_tree
+    from pipeline.measure import forkserver
 
-    manifest = Manifest.from_json(Path(params["paths"]["manifest"]).read_text())
-    settings = measure_settings(params)
-    results = measure_manifest(manifest, settings, cluster_settings(params),
-                               params["paths"]["cache"], progress_printer())
-    write_tree(measured_tree(manifest, results, settings), params["paths"]["measured"])
+    forkserver.start_early(settings.dask)  # workers' imports beside this process's
+    from pipeline.core.manifest import Manifest
+    from pipeline.core.progress import progress_printer
+    from pipeline.measure.dataset import measured_tree
+    from pipeline.measure.graph import measure_manifest
+    from pipeline.store.zarr_io import write_tree
+
+    paths = settings.paths
+    manifest = Manifest.from_json(Path(paths.manifest).read_text())
+    results = measure_manifest(
+        manifest, settings.measure, settings.dask, paths.cache, progress_printer()
+    )
+    write_tree(measured_tree(manifest, results, settings.measure), paths.measured)
 
 
-def thermo(params: dict) -> None:
+def thermo(settings: Settings) -> None:
     """Derive temperatures, entropies, first law, efficiencies, equilibrium (no checkpoint I/O)."""
-    from .store import open_tree, write_tree
-    from .thermo import derive
+    from pipeline.store.zarr_io import open_tree, write_tree
+    from pipeline.thermo.derive import derive
 
-    measured = open_tree(params["paths"]["measured"]).load()
-    write_tree(derive(measured, params.get("thermo") or {}), params["paths"]["store"])
+    measured = open_tree(settings.paths.measured).load()
+    write_tree(derive(measured, settings.thermo), settings.paths.store)
 
 
-def report(params: dict) -> None:
+def report(settings: Settings) -> None:
     """Figures, the HTML page, DVC metrics and plots."""
-    from .report import render_report
+    from pipeline.report import render_report
 
-    render_report(params["paths"]["store"], params["paths"]["report"])
+    render_report(settings.paths.store, settings.paths.report)
 
 
 def run_stage(stage) -> None:
     """Entry point for stages/*.py: one-line error and exit 2 on bad input."""
     try:
-        stage(load_params(os.environ.get("THERMOSCOPE_PARAMS", "params.yaml")))
+        stage(load_settings(os.environ.get("THERMOSCOPE_PARAMS", "params.yaml")))
     except ThermoscopeError as exc:
         print(f"thermoscope {stage.__name__}: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -25,21 +25,26 @@ SHAPES: dict[str, tuple[int, ...]] = {
 NATURAL_ORDER = ["layers.0.bias", "layers.0.weight", "layers.2.weight", "layers.10.weight"]
 
 
-def model_tensors(step: int, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  buffers: bool = False) -> dict[str, torch.Tensor]:
+def model_tensors(
+    step: int, dtype: torch.dtype = torch.float32, seed: int = 0, buffers: bool = False
+) -> dict[str, torch.Tensor]:
     """Tensors of the tiny model at ``step``: a fixed random start plus a step-dependent random
     walk, cast to ``dtype``. ``buffers`` adds an int64 ``position_ids`` buffer (not a layer)."""
     out = {}
     for i, (name, shape) in enumerate(SHAPES.items()):
         g0 = torch.Generator().manual_seed(seed * 1000 + i)
         g1 = torch.Generator().manual_seed(seed * 1000 + i + 10_000 * (step + 1))
-        out[name] = (torch.randn(shape, generator=g0) + 0.01 * step * torch.randn(shape, generator=g1)).to(dtype)
+        out[name] = (
+            torch.randn(shape, generator=g0) + 0.01 * step * torch.randn(shape, generator=g1)
+        ).to(dtype)
     if buffers:
         out["position_ids"] = torch.arange(16, dtype=torch.int64)
     return out
 
 
-def write_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def write_file(
+    path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
     """One safetensors file; parent folders are created. Returns the absolute path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,14 +52,25 @@ def write_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return str(path.resolve())
 
 
-def write_flat(folder, steps, dtype=torch.float32, pattern: str = "step_{step:06d}.safetensors",
-               seed: int = 0, metadata_step: bool = False, buffers: bool = False) -> list[str]:
+def write_flat(
+    folder,
+    steps,
+    dtype=torch.float32,
+    pattern: str = "step_{step:06d}.safetensors",
+    seed: int = 0,
+    metadata_step: bool = False,
+    buffers: bool = False,
+) -> list[str]:
     """Flat layout: one file per step named by ``pattern`` (``{step}`` is substituted);
     ``metadata_step`` also records the step in ``__metadata__``."""
     paths = []
     for s in steps:
         meta = {"step": str(s)} if metadata_step else None
-        paths.append(write_file(Path(folder) / pattern.format(step=s), model_tensors(s, dtype, seed, buffers), meta))
+        paths.append(
+            write_file(
+                Path(folder) / pattern.format(step=s), model_tensors(s, dtype, seed, buffers), meta
+            )
+        )
     return paths
 
 
@@ -62,13 +78,23 @@ def trainer_state(steps, lr0: float = 0.1) -> dict:
     """A trainer_state.json body with a loss/learning-rate entry per step and an eval entry."""
     hist = []
     for s in steps:
-        hist.append({"step": s, "loss": 1.0 / (1 + s), "learning_rate": lr0 / (1 + s), "epoch": s / 10})
+        hist.append(
+            {"step": s, "loss": 1.0 / (1 + s), "learning_rate": lr0 / (1 + s), "epoch": s / 10}
+        )
         hist.append({"step": s, "eval_loss": 2.0 / (1 + s)})
     return {"global_step": max(steps) if steps else 0, "log_history": hist}
 
 
-def write_trainer(folder, steps, dtype=torch.float32, sharded: bool = False, seed: int = 0,
-                  log: bool = True, hidden_act: str | None = "gelu", buffers: bool = False) -> list[str]:
+def write_trainer(
+    folder,
+    steps,
+    dtype=torch.float32,
+    sharded: bool = False,
+    seed: int = 0,
+    log: bool = True,
+    hidden_act: str | None = "gelu",
+    buffers: bool = False,
+) -> list[str]:
     """Hugging Face Trainer layout: ``checkpoint-<step>/model.safetensors`` (or two shards plus
     ``model.safetensors.index.json``), with trainer_state.json (history up to that step) and
     config.json in each checkpoint folder. Returns the checkpoint folders."""
@@ -82,7 +108,9 @@ def write_trainer(folder, steps, dtype=torch.float32, sharded: bool = False, see
         else:
             write_file(d / "model.safetensors", tensors)
         if log:
-            (d / "trainer_state.json").write_text(json.dumps(trainer_state(sorted(t for t in steps if t <= s))))
+            (d / "trainer_state.json").write_text(
+                json.dumps(trainer_state(sorted(t for t in steps if t <= s)))
+            )
         if hidden_act is not None:
             (d / "config.json").write_text(json.dumps({"hidden_act": hidden_act}))
         dirs.append(str(d.resolve()))

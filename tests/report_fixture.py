@@ -56,7 +56,9 @@ def run_dataset(
     activation = np.array([ACTIVATIONS[d % len(ACTIVATIONS)] for d in depth])
     curvature = np.exp(rng.uniform(np.log(0.5), np.log(50.0), n_layers))
     noise_scale = np.exp(rng.uniform(np.log(0.2), np.log(2.0), n_layers))
-    temp = lr[:, None] * noise_scale[None, :] * (1 + 0.05 * rng.standard_normal((n_steps, n_layers)))
+    temp = (
+        lr[:, None] * noise_scale[None, :] * (1 + 0.05 * rng.standard_normal((n_steps, n_layers)))
+    )
     temp[0] = np.nan  # no displacement before the second checkpoint
     s0 = 0.05
     relax = 1 - np.exp(-np.arange(n_steps)[:, None] / (3 + 2 * depth[None, :]))
@@ -80,14 +82,19 @@ def run_dataset(
     heat = 0.5 * np.nan_to_num(np.gradient(temp, axis=0) if n_steps > 1 else temp)
     work = -np.abs(drift)[:, None] * n_params[None, :] / n_params.sum()
     scale_free = np.array([a in SCALE_FREE for a in activation])
-    work_eff = np.where(activation == "relu", 0.5, np.where(activation == "identity", 0.0,
-                        rng.uniform(0.1, 0.4, n_layers)))
+    work_eff = np.where(
+        activation == "relu",
+        0.5,
+        np.where(activation == "identity", 0.0, rng.uniform(0.1, 0.4, n_layers)),
+    )
     mean_t = np.nanmean(temp, axis=0) if n_steps > 1 else np.full(n_layers, np.nan)
     neighbour = np.concatenate([temp[:, 1:], np.full((n_steps, 1), np.nan)], axis=1)
     carnot = 1 - np.fmin(temp, neighbour) / np.fmax(temp, neighbour)
     total_work = np.abs(work).sum(axis=0)
     realized = total_work / (total_work + np.abs(heat).sum(axis=0))
-    work_eff = np.repeat(work_eff[None, :], n_steps, axis=0) * (1 + 0.01 * np.sqrt(var / var.mean(0)))
+    work_eff = np.repeat(work_eff[None, :], n_steps, axis=0) * (
+        1 + 0.01 * np.sqrt(var / var.mean(0))
+    )
     eq_index = np.minimum(int(0.3 * n_steps) + 2 * depth, n_steps)
     eq_step = np.where(eq_index < n_steps, steps[np.minimum(eq_index, n_steps - 1)], np.nan)
     equilibrated = np.arange(n_steps)[:, None] >= eq_index[None, :]
@@ -111,19 +118,35 @@ def run_dataset(
         "window_end": ("window", w_end),
     }
     data = {
-        "weight_mean": (sl, 1e-3 * rng.standard_normal((n_steps, n_layers)), _attrs("weight", "mean weight")),
+        "weight_mean": (
+            sl,
+            1e-3 * rng.standard_normal((n_steps, n_layers)),
+            _attrs("weight", "mean weight"),
+        ),
         "weight_rms": (sl, np.sqrt(var), _attrs("weight", "weight rms")),
         "weight_entropy": (sl, entropy, _attrs("nats/param", "weight-distribution entropy")),
-        "gaussian_entropy": (sl, gauss_h, _attrs("nats/param", "Gaussian entropy at same variance")),
+        "gaussian_entropy": (
+            sl,
+            gauss_h,
+            _attrs("nats/param", "Gaussian entropy at same variance"),
+        ),
         "non_gaussianity": (sl, non_gauss, _attrs("nats/param", "non-Gaussianity")),
         "nonfinite_count": (sl, nonfinite, _attrs("count", "non-finite values")),
         "sq_distance": (("step", "layer", "lag"), sq, _attrs("weight^2", "squared distance")),
         "msd": (sl, msd, _attrs("weight^2/param", "mean squared displacement")),
-        "ensemble_log_var": (("window", "layer"), np.log(var[:windows]) * n_params, _attrs("ln(weight^2)", "ensemble log variance")),
+        "ensemble_log_var": (
+            ("window", "layer"),
+            np.log(var[:windows]) * n_params,
+            _attrs("ln(weight^2)", "ensemble log variance"),
+        ),
         "diffusivity": (sl, diffusivity, _attrs("weight^2/param/step", "diffusivity")),
         "temperature": (sl, temp, _attrs("loss", "layer temperature")),
         "temperature_err": (sl, 0.05 * temp, _attrs("loss", "temperature uncertainty")),
-        "temperature_identifiable": (sl, np.isfinite(temp), _attrs("1", "temperature identifiable")),
+        "temperature_identifiable": (
+            sl,
+            np.isfinite(temp),
+            _attrs("1", "temperature identifiable"),
+        ),
         "global_temperature": (s, global_t, _attrs("loss", "global temperature")),
         "temperature_spread": (s, spread, _attrs("loss", "temperature spread across layers")),
         "work": (sl, work, _attrs("loss", "work")),
@@ -131,7 +154,11 @@ def run_dataset(
         "work_efficiency": (sl, work_eff, _attrs("1", "activation work efficiency")),
         "carnot_efficiency": (sl, carnot, _attrs("1", "Carnot bound")),
         "realized_efficiency": (("layer",), realized, _attrs("1", "realized efficiency")),
-        "engine_type": (("layer",), np.where(scale_free, "scale-free", "scale-dependent"), _attrs("1", "engine type")),
+        "engine_type": (
+            ("layer",),
+            np.where(scale_free, "scale-free", "scale-dependent"),
+            _attrs("1", "engine type"),
+        ),
         "equilibrated": (sl, equilibrated.astype(np.int8), _attrs("1", "equilibrated")),
         "equilibrium_step": (("layer",), eq_step, _attrs("step", "time to equilibrium")),
     }
@@ -146,17 +173,30 @@ def sweep_dataset(runs: dict[str, xr.Dataset], peak_lrs: list[float]) -> xr.Data
         plateau = ds.learning_rate >= ds.learning_rate.max() * 0.999
         temps.append(float(ds.global_temperature.where(plateau).mean()))
         energies.append(float(ds.loss.where(plateau).mean()))
-        entropies.append(float((ds.weight_entropy * ds.n_params).sum("layer").where(plateau).mean()))
+        entropies.append(
+            float((ds.weight_entropy * ds.n_params).sum("layer").where(plateau).mean())
+        )
     lr = np.asarray(peak_lrs, float)
     k, log_b = np.polyfit(np.log(lr), np.log(temps), 1)
     return xr.Dataset(
         {
             "run_learning_rate": ("run", lr, _attrs("1", "plateau learning rate")),
-            "run_temperature": ("run", np.asarray(temps), _attrs("loss", "plateau global temperature")),
+            "run_temperature": (
+                "run",
+                np.asarray(temps),
+                _attrs("loss", "plateau global temperature"),
+            ),
             "internal_energy": ("run", np.asarray(energies), _attrs("loss", "plateau loss U")),
-            "run_ensemble_entropy": ("run", np.asarray(entropies), _attrs("nats", "total weight entropy S")),
-            "final_loss": ("run", np.array([float(ds.loss[-1]) for ds in runs.values()]),
-                           _attrs("loss", "last logged loss")),
+            "run_ensemble_entropy": (
+                "run",
+                np.asarray(entropies),
+                _attrs("nats", "total weight entropy S"),
+            ),
+            "final_loss": (
+                "run",
+                np.array([float(ds.loss[-1]) for ds in runs.values()]),
+                _attrs("loss", "last logged loss"),
+            ),
             "fit_b": ((), np.exp(log_b), _attrs("loss", "power-law prefactor b")),
             "fit_k": ((), k, _attrs("1", "power-law exponent k")),
         },
@@ -199,11 +239,13 @@ def build_store(
                 nan = ds[v].astype(float) * np.nan
                 ds = ds.assign_coords({v: nan}) if v in ds.coords else ds.assign({v: nan})
         nodes[name] = ds
-    root = xr.Dataset(attrs={
-        "thermoscope_version": "0.1.0",
-        "source": "fixture://model",
-        "skipped": json.dumps(skipped or []),
-    })
+    root = xr.Dataset(
+        attrs={
+            "thermoscope_version": "0.1.0",
+            "source": "fixture://model",
+            "skipped": json.dumps(skipped or []),
+        }
+    )
     tree = xr.DataTree.from_dict({"/": root, **{f"/{k}": v for k, v in nodes.items()}})
     with warnings.catch_warnings():  # fixed-width unicode in Zarr v3: fine for a fixture
         warnings.simplefilter("ignore")

@@ -7,17 +7,17 @@ import struct
 import tempfile
 import tracemalloc
 
+import checkpoint_factory as cf
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-import checkpoint_factory as cf
-from pipeline.discovery import discover
-from pipeline.errors import InputError
-from pipeline.safetensors_io import read_header, read_rows
-from pipeline.validate import check, format_table
+from pipeline.core.errors import InputError
+from pipeline.ingest.discovery import discover
+from pipeline.ingest.safetensors_io import read_header, read_rows
+from pipeline.ingest.validate import check, format_table
 
 F32x4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
 
@@ -29,29 +29,78 @@ def _raw(tmp_path, header, data=bytes(16), length=None):
 # (builder, expected reason fragment, tensor named in the message or None)
 HEADER_CASES = {
     "directory": (lambda p: str(p), "is a directory", None),
-    "short file": (lambda p: _write(p / "bad.safetensors", b"\x01\x02\x03"), "shorter than the 8-byte", None),
-    "length beyond file": (lambda p: _raw(p, {"a": F32x4}, length=10_000), "runs past the end of the file", None),
-    "huge length": (lambda p: _raw(p, {"a": F32x4}, length=2**63 + 5), "exceeds the 100000000-byte limit", None),
+    "short file": (
+        lambda p: _write(p / "bad.safetensors", b"\x01\x02\x03"),
+        "shorter than the 8-byte",
+        None,
+    ),
+    "length beyond file": (
+        lambda p: _raw(p, {"a": F32x4}, length=10_000),
+        "runs past the end of the file",
+        None,
+    ),
+    "huge length": (
+        lambda p: _raw(p, {"a": F32x4}, length=2**63 + 5),
+        "exceeds the 100000000-byte limit",
+        None,
+    ),
     "bad json": (lambda p: _raw(p, b'{"a": {"dtype": "F32",'), "not valid JSON", None),
     "not utf-8": (lambda p: _raw(p, b'{"\xff\xfe": 1}'), "not UTF-8", None),
     "deep nesting": (lambda p: _raw(p, b"[" * 100_000 + b"]" * 100_000), "nested too deeply", None),
     "not an object": (lambda p: _raw(p, b"[1, 2]"), "not a JSON object", None),
     "duplicate key": (lambda p: _raw(p, b'{"a": 1, "a": 2}'), "duplicate key 'a'", None),
-    "unknown dtype": (lambda p: _raw(p, {"a": {**F32x4, "dtype": "F13"}}), "unknown dtype 'F13'", "a"),
-    "negative shape": (lambda p: _raw(p, {"a": {**F32x4, "shape": [-4]}}), "shape is not a list", "a"),
-    "bad offsets": (lambda p: _raw(p, {"a": {**F32x4, "data_offsets": [0]}}), "data_offsets is not a pair", "a"),
-    "end before begin": (lambda p: _raw(p, {"a": {**F32x4, "shape": [0], "data_offsets": [16, 0]}}),
-                         "end 0 before begin 16", "a"),
-    "shape vs offsets": (lambda p: _raw(p, {"a": {**F32x4, "shape": [8]}}),
-                         "needs 32 bytes but data_offsets span 16", "a"),
-    "offsets past end": (lambda p: _raw(p, {"a": {**F32x4, "data_offsets": [16, 32]}}),
-                         "run past the end of the file", "a"),
-    "overlap": (lambda p: _raw(p, {"a": F32x4, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}),
-                "overlap tensor 'a'", "b"),
-    "gap": (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}), "gap of 8 bytes", "a"),
-    "trailing bytes": (lambda p: _raw(p, {"a": F32x4}, bytes(20)), "4 bytes after the last tensor", None),
-    "metadata not strings": (lambda p: _raw(p, {"__metadata__": {"step": 5}, "a": F32x4}),
-                             "__metadata__ is not an object of strings", None),
+    "unknown dtype": (
+        lambda p: _raw(p, {"a": {**F32x4, "dtype": "F13"}}),
+        "unknown dtype 'F13'",
+        "a",
+    ),
+    "negative shape": (
+        lambda p: _raw(p, {"a": {**F32x4, "shape": [-4]}}),
+        "shape is not a list",
+        "a",
+    ),
+    "bad offsets": (
+        lambda p: _raw(p, {"a": {**F32x4, "data_offsets": [0]}}),
+        "data_offsets is not a pair",
+        "a",
+    ),
+    "end before begin": (
+        lambda p: _raw(p, {"a": {**F32x4, "shape": [0], "data_offsets": [16, 0]}}),
+        "end 0 before begin 16",
+        "a",
+    ),
+    "shape vs offsets": (
+        lambda p: _raw(p, {"a": {**F32x4, "shape": [8]}}),
+        "needs 32 bytes but data_offsets span 16",
+        "a",
+    ),
+    "offsets past end": (
+        lambda p: _raw(p, {"a": {**F32x4, "data_offsets": [16, 32]}}),
+        "run past the end of the file",
+        "a",
+    ),
+    "overlap": (
+        lambda p: _raw(
+            p, {"a": F32x4, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+        ),
+        "overlap tensor 'a'",
+        "b",
+    ),
+    "gap": (
+        lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}),
+        "gap of 8 bytes",
+        "a",
+    ),
+    "trailing bytes": (
+        lambda p: _raw(p, {"a": F32x4}, bytes(20)),
+        "4 bytes after the last tensor",
+        None,
+    ),
+    "metadata not strings": (
+        lambda p: _raw(p, {"__metadata__": {"step": 5}, "a": F32x4}),
+        "__metadata__ is not an object of strings",
+        None,
+    ),
 }
 
 
@@ -104,8 +153,8 @@ def test_missing_and_empty_folders(tmp_path):
 
 
 def test_duplicate_steps_name_both_files(tmp_path):
-    a, = cf.write_flat(tmp_path, [7], pattern="step_{step}.safetensors")
-    b, = cf.write_flat(tmp_path, [7], pattern="ckpt-{step:04d}.safetensors")
+    (a,) = cf.write_flat(tmp_path, [7], pattern="step_{step}.safetensors")
+    (b,) = cf.write_flat(tmp_path, [7], pattern="ckpt-{step:04d}.safetensors")
     _expect(tmp_path, a, b, "duplicate step 7")
 
 
@@ -116,7 +165,11 @@ def test_unparseable_steps(tmp_path):
     _expect(tmp_path / "b", g, "__metadata__ step 'one' is not an integer")
     cf.write_trainer(tmp_path / "c", [1])
     (tmp_path / "c" / "checkpoint-final").mkdir()
-    _expect(tmp_path / "c", tmp_path / "c" / "checkpoint-final", "'final' in the folder name is not an integer")
+    _expect(
+        tmp_path / "c",
+        tmp_path / "c" / "checkpoint-final",
+        "'final' in the folder name is not an integer",
+    )
 
 
 def _series_with(tmp_path, change):
@@ -126,13 +179,33 @@ def _series_with(tmp_path, change):
     return cf.write_file(tmp_path / "step_000004.safetensors", tensors)
 
 
-@pytest.mark.parametrize("change,tensor,why", [
-    (lambda t: {**t, "layers.2.weight": torch.zeros(8, 9)}, "layers.2.weight", "shape changes from (8, 8)"),
-    (lambda t: {**t, "layers.2.weight": t["layers.2.weight"].half()}, "layers.2.weight", "dtype changes from F32"),
-    (lambda t: {k: v for k, v in t.items() if k != "layers.0.bias"}, "layers.0.bias", "missing here"),
-    (lambda t: {("layers.3.weight" if k == "layers.2.weight" else k): v for k, v in t.items()},
-     "layers.2.weight", "missing here but present in"),
-])
+@pytest.mark.parametrize(
+    "change,tensor,why",
+    [
+        (
+            lambda t: {**t, "layers.2.weight": torch.zeros(8, 9)},
+            "layers.2.weight",
+            "shape changes from (8, 8)",
+        ),
+        (
+            lambda t: {**t, "layers.2.weight": t["layers.2.weight"].half()},
+            "layers.2.weight",
+            "dtype changes from F32",
+        ),
+        (
+            lambda t: {k: v for k, v in t.items() if k != "layers.0.bias"},
+            "layers.0.bias",
+            "missing here",
+        ),
+        (
+            lambda t: {
+                ("layers.3.weight" if k == "layers.2.weight" else k): v for k, v in t.items()
+            },
+            "layers.2.weight",
+            "missing here but present in",
+        ),
+    ],
+)
 def test_cross_checkpoint_changes_name_checkpoint_and_tensor(tmp_path, change, tensor, why):
     bad = _series_with(tmp_path, change)
     err = _expect(tmp_path, bad, f"tensor '{tensor}'", why)
@@ -157,21 +230,32 @@ def _sharded(tmp_path, edit):
 
 
 def test_index_naming_missing_shard(tmp_path):
-    index = _sharded(tmp_path, lambda wm: wm.update({"layers.0.bias": "model-00009-of-00009.safetensors"}))
-    _expect(tmp_path, index, "'model-00009-of-00009.safetensors' named in weight_map does not exist")
+    index = _sharded(
+        tmp_path, lambda wm: wm.update({"layers.0.bias": "model-00009-of-00009.safetensors"})
+    )
+    _expect(
+        tmp_path, index, "'model-00009-of-00009.safetensors' named in weight_map does not exist"
+    )
 
 
 @pytest.mark.parametrize("where", ["absolute", "dotdot", "nested dotdot"])
 def test_index_pointing_outside_is_refused_before_reading(tmp_path, where):
-    outside = cf.write_file(tmp_path.parent / f"outside_{tmp_path.name}.safetensors", cf.model_tensors(2))
-    target = {"absolute": outside, "dotdot": f"../../{os.path.basename(outside)}",
-              "nested dotdot": "sub/../../x.safetensors"}[where]
+    outside = cf.write_file(
+        tmp_path.parent / f"outside_{tmp_path.name}.safetensors", cf.model_tensors(2)
+    )
+    target = {
+        "absolute": outside,
+        "dotdot": f"../../{os.path.basename(outside)}",
+        "nested dotdot": "sub/../../x.safetensors",
+    }[where]
     index = _sharded(tmp_path, lambda wm: wm.update({k: target for k in wm}))
     _expect(tmp_path, index, "outside the checkpoint folder")
 
 
 def test_index_tensor_not_in_its_shard(tmp_path):
-    index = _sharded(tmp_path, lambda wm: wm.update({k: "model-00001-of-00002.safetensors" for k in wm}))
+    index = _sharded(
+        tmp_path, lambda wm: wm.update({k: "model-00001-of-00002.safetensors" for k in wm})
+    )
     _expect(tmp_path, index, "does not hold it")
 
 
@@ -212,8 +296,10 @@ def test_check_reports_every_file_and_folder_problems(tmp_path):
     run = tmp_path / "run"
     good = cf.write_flat(run, [1, 2, 3])
     short = _write(run / "step_000009.safetensors", b"abc")
-    changed = cf.write_file(run / "step_000004.safetensors",
-                            {**cf.model_tensors(4), "layers.0.weight": torch.zeros(8, 5)})
+    changed = cf.write_file(
+        run / "step_000004.safetensors",
+        {**cf.model_tensors(4), "layers.0.weight": torch.zeros(8, 5)},
+    )
     cf.write_trainer(tmp_path / "hf", [5, 6], sharded=True)
     rows = check(tmp_path)
     verdict = {r["path"]: r for r in rows}
@@ -221,7 +307,10 @@ def test_check_reports_every_file_and_folder_problems(tmp_path):
     assert verdict[short]["verdict"] == "error" and "shorter than" in verdict[short]["reason"]
     folder = [r for r in rows if r["path"] == str(run)]
     assert len(folder) == 1 and folder[0]["verdict"] == "error"
-    assert os.path.basename(changed) in folder[0]["reason"] and "layers.0.weight" in folder[0]["reason"]
+    assert (
+        os.path.basename(changed) in folder[0]["reason"]
+        and "layers.0.weight" in folder[0]["reason"]
+    )
     hf = [r for r in rows if r["path"] == str(tmp_path / "hf")]
     assert hf[0]["verdict"] == "ok" and "2 checkpoints" in hf[0]["reason"]
     assert sum(r["path"].endswith(".index.json") for r in rows) == 2
@@ -231,16 +320,23 @@ def test_check_reports_every_file_and_folder_problems(tmp_path):
 
 def test_check_never_raises_on_missing_folder(tmp_path):
     rows = check(tmp_path / "nope")
-    assert rows == [{"path": str(tmp_path / "nope"), "verdict": "error", "reason": "no such folder"}]
+    assert rows == [
+        {"path": str(tmp_path / "nope"), "verdict": "error", "reason": "no such folder"}
+    ]
 
 
 # ---------------------------------------------------------------- random corruption
-VALID_TENSORS = {"a": torch.randn(3, 2), "b": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16(),
-                 "s": torch.tensor(1.5, dtype=torch.float64)}
+VALID_TENSORS = {
+    "a": torch.randn(3, 2),
+    "b": torch.randn(5).half(),
+    "c": torch.randn(2, 2).bfloat16(),
+    "s": torch.tensor(1.5, dtype=torch.float64),
+}
 VALID = st_save(VALID_TENSORS, metadata={"step": "3"})
 HLEN = 8 + struct.unpack("<Q", VALID[:8])[0]
-SETTINGS = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow],
-                    derandomize=True)
+SETTINGS = settings(
+    max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +376,11 @@ def _read_everything(path: str, untouched: set[str] = frozenset()) -> None:
 
 
 @SETTINGS
-@given(flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6))
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
 def test_random_byte_flips(scratch, flips):
     data = bytearray(VALID)
     for pos, val in flips:
@@ -289,8 +389,13 @@ def test_random_byte_flips(scratch, flips):
 
 
 @SETTINGS
-@given(flips=st.lists(st.tuples(st.integers(8, HLEN - 1), st.sampled_from(b'{}[]",:0123456789 FBx')),
-                      min_size=1, max_size=4))
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(8, HLEN - 1), st.sampled_from(b'{}[]",:0123456789 FBx')),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_random_header_edits(scratch, flips):
     data = bytearray(VALID)
     for pos, val in flips:
@@ -299,7 +404,11 @@ def test_random_header_edits(scratch, flips):
 
 
 @settings(SETTINGS, max_examples=80)
-@given(flips=st.lists(st.tuples(st.integers(HLEN, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6))
+@given(
+    flips=st.lists(
+        st.tuples(st.integers(HLEN, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
 def test_data_byte_flips_keep_other_tensors_exact(scratch, flips):
     data = bytearray(VALID)
     for pos, val in flips:
@@ -330,10 +439,14 @@ def test_forged_length_prefix(scratch, length):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error_before_any_work(tmp_path):
     from pipeline.analyze import analyze
-    from pipeline.measure import MeasureSettings
-    from pipeline.parallel import ClusterSettings
+    from pipeline.settings import ClusterSettings, MeasureSettings
 
     cf.write_flat(tmp_path / "run", range(0, 50, 10))
     with pytest.raises(InputError, match="measure.device is 'cuda' but no CUDA device is visible"):
-        analyze(tmp_path / "run", tmp_path / "out.zarr", MeasureSettings(device="cuda"), ClusterSettings(n_workers=1))
+        analyze(
+            tmp_path / "run",
+            tmp_path / "out.zarr",
+            MeasureSettings(device="cuda"),
+            ClusterSettings(n_workers=1),
+        )
     assert not (tmp_path / "out.zarr").exists()

@@ -33,14 +33,26 @@ def test_series_raw_rate_and_fit(tmp_path):
     from safetensors.torch import load_file
 
     a, b = load_file(files[0]), load_file(files[1])
-    assert set(a) == set(bench.layer_shapes(0.05 * bench.MB, 2)) and a["layers.0.mlp.up.weight"].dtype == torch.bfloat16
+    assert (
+        set(a) == set(bench.layer_shapes(0.05 * bench.MB, 2))
+        and a["layers.0.mlp.up.weight"].dtype == torch.bfloat16
+    )
     step = (b["layers.0.mlp.up.weight"].float() - a["layers.0.mlp.up.weight"].float()).std().item()
-    assert step == pytest.approx(1e-3, rel=0.2)  # the random walk's step (bf16 rounding adds a little)
+    assert step == pytest.approx(
+        1e-3, rel=0.2
+    )  # the random walk's step (bf16 rounding adds a little)
     raw = bench.raw_read_rate(files, buffers=(4096, 65536), repeats=1)
     assert raw["bytes"] == sum(f.stat().st_size for f in files) and raw["raw_bytes_per_s"] > 0
-    assert raw["raw_bytes_per_s"] == max(raw["raw_by_buffer"].values()) and len(raw["raw_by_buffer"]) == 2
+    assert (
+        raw["raw_bytes_per_s"] == max(raw["raw_by_buffer"].values())
+        and len(raw["raw_by_buffer"]) == 2
+    )
     fit = bench.linear_fit([1, 2, 3], [3.0, 5.0, 7.0])
-    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0) and fit["r2"] == pytest.approx(1.0)
+    assert (
+        fit["slope"] == pytest.approx(2.0)
+        and fit["intercept"] == pytest.approx(1.0)
+        and fit["r2"] == pytest.approx(1.0)
+    )
     e, r = bench.ww_formulas(np.diag([3.0, 4.0]))
     p = np.array([9.0, 16.0]) / 25
     assert e == pytest.approx(-(p * np.log(p)).sum() / math.log(2)) and r == pytest.approx(25 / 16)
@@ -63,7 +75,14 @@ def test_throughput_fields_on_a_tiny_series(tmp_path):
     for key in ("raw_bytes_per_s", "bytes", "n_params"):
         assert out[key] > 0
     d = out["default"]
-    for key in ("wall_s", "bytes_per_s", "ratio", "marginal_bytes_per_s", "peak_anon_bytes", "wall_s_first_half"):
+    for key in (
+        "wall_s",
+        "bytes_per_s",
+        "ratio",
+        "marginal_bytes_per_s",
+        "peak_anon_bytes",
+        "wall_s_first_half",
+    ):
         assert key in d and np.isfinite(d[key])
     assert d["peak_anon_bytes"] > 10 * bench.MB  # python + torch + dask really ran in the tree
     assert "throughput" in bench.format_tables({"throughput": out})
@@ -76,7 +95,9 @@ def test_incremental_reuses_the_cache_and_reports_net_ratios(tmp_path, via):
     out = bench.incremental(tmp_path, 0.05, n=3, workers=1, via=via)
     assert out["rerun_wall_s"] > 0 and out["startup_s"] > 0
     net_share = (out["full_wall_s"] - out["startup_s"]) / 3
-    assert out["net_rerun_over_net_share"] == pytest.approx((out["rerun_wall_s"] - out["startup_s"]) / net_share)
+    assert out["net_rerun_over_net_share"] == pytest.approx(
+        (out["rerun_wall_s"] - out["startup_s"]) / net_share
+    )
     assert "net of the start-up" in bench.format_tables({"incremental": out})
 
 
@@ -94,7 +115,10 @@ def test_window_log_var_sum_frozen_coordinates_and_too_few():
 
 
 @pytest.mark.slow  # two analyze subprocesses
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine benchmarks/gpu_check.sh runs the real comparison")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="on a GPU machine benchmarks/gpu_check.sh runs the real comparison",
+)
 def test_devices_mode_times_cpu_and_reports_a_missing_gpu_in_one_line(tmp_path):
     bench = _bench()
     out = bench.devices(tmp_path, 0.05, 2, workers=1)
@@ -108,11 +132,18 @@ def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
     bench = _bench()
     out = bench.floor(tmp_path, 0.5, 9)
     kernels = out["kernels"]
-    assert {"read (cache slices)", "read + sum, sumsq, increment, lag dots", "measure_block (default metrics)",
-            "measure_block, one per core at once"} <= set(kernels)
+    assert {
+        "read (cache slices)",
+        "read + sum, sumsq, increment, lag dots",
+        "measure_block (default metrics)",
+        "measure_block, one per core at once",
+    } <= set(kernels)
     assert all(k["seconds"] > 0 and k["ratio"] > 0 for k in kernels.values())
     # measure_block does the reads and far more: it cannot be faster than the reads alone
-    assert kernels["measure_block (default metrics)"]["seconds"] > kernels["read (cache slices)"]["seconds"]
+    assert (
+        kernels["measure_block (default metrics)"]["seconds"]
+        > kernels["read (cache slices)"]["seconds"]
+    )
     # a resumed task reads max_lag = 8 earlier checkpoints besides the new one
     assert out["rerun_over_share"] > 1.0
     assert out["needed_per_core_ratio"] == pytest.approx(0.5 / out["cores"])

@@ -18,14 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_factory as cf
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 from safetensors.torch import load_file
 
-import checkpoint_factory as cf
-from pipeline.safetensors_io import read_header
+from pipeline.ingest.safetensors_io import read_header
 
 REPO = Path(__file__).resolve().parents[1]
 F32x4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
@@ -38,9 +38,14 @@ def _limit_memory():
 
 def start(*args, limit_memory: bool = False) -> subprocess.Popen:
     """``python -m pipeline.cli ARGS`` in the repository root, stdout/stderr captured."""
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limit_memory if limit_memory else None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limit_memory if limit_memory else None,
+    )
 
 
 def thermoscope(*args, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -57,6 +62,7 @@ def snapshot(root: Path) -> set[str]:
 # ---------------------------------------------------------------- bad input cases
 # Each builder writes a real checkpoint folder under ``tmp`` and returns
 # (folder to analyze, fragments the one-line message must contain, tensor named or None).
+
 
 def _good(tmp: Path, steps=(1, 2, 3)) -> Path:
     cf.write_flat(tmp / "run", steps)
@@ -126,14 +132,16 @@ def tensor_missing(tmp):
 
 
 def tensor_renamed(tmp):
-    root, f = _changed_last(tmp, lambda t: {("layers.3.weight" if k == "layers.2.weight" else k): v
-                                           for k, v in t.items()})
+    root, f = _changed_last(
+        tmp,
+        lambda t: {("layers.3.weight" if k == "layers.2.weight" else k): v for k, v in t.items()},
+    )
     return root, [f, "renamed or removed?", "+1 more differences"], "layers.2.weight"
 
 
 def duplicate_steps(tmp):
-    a, = cf.write_flat(tmp / "run", [7], pattern="step_{step}.safetensors")
-    b, = cf.write_flat(tmp / "run", [7], pattern="ckpt-{step:04d}.safetensors")
+    (a,) = cf.write_flat(tmp / "run", [7], pattern="step_{step}.safetensors")
+    (b,) = cf.write_flat(tmp / "run", [7], pattern="ckpt-{step:04d}.safetensors")
     cf.write_flat(tmp / "run", [8])
     return tmp / "run", [a, b, "duplicate step 7"], None
 
@@ -166,9 +174,14 @@ def _sharded(tmp, edit) -> tuple[Path, str]:
 
 
 def index_names_missing_shard(tmp):
-    root, index = _sharded(tmp, lambda wm: wm.update({"layers.0.bias": "model-00009-of-00009.safetensors"}))
-    return root, [index, "shard 'model-00009-of-00009.safetensors' named in weight_map does not exist"], \
-        "layers.0.bias"
+    root, index = _sharded(
+        tmp, lambda wm: wm.update({"layers.0.bias": "model-00009-of-00009.safetensors"})
+    )
+    return (
+        root,
+        [index, "shard 'model-00009-of-00009.safetensors' named in weight_map does not exist"],
+        "layers.0.bias",
+    )
 
 
 def index_names_path_outside(tmp):
@@ -183,12 +196,28 @@ def absurd_header_size(tmp):
     return root, [f, "header length 9223372036854775813 exceeds the 100000000-byte limit"], None
 
 
-CASES = {f.__name__: f for f in [
-    truncated_file, header_length_beyond_file, unparseable_header_json, unknown_dtype, offsets_past_end,
-    directory_named_safetensors, shape_change, dtype_change, tensor_missing, tensor_renamed,
-    duplicate_steps, unparseable_step, no_step_in_file_name, empty_folder, index_names_missing_shard,
-    index_names_path_outside, absurd_header_size,
-]}
+CASES = {
+    f.__name__: f
+    for f in [
+        truncated_file,
+        header_length_beyond_file,
+        unparseable_header_json,
+        unknown_dtype,
+        offsets_past_end,
+        directory_named_safetensors,
+        shape_change,
+        dtype_change,
+        tensor_missing,
+        tensor_renamed,
+        duplicate_steps,
+        unparseable_step,
+        no_step_in_file_name,
+        empty_folder,
+        index_names_missing_shard,
+        index_names_path_outside,
+        absurd_header_size,
+    ]
+}
 PREFIX = "thermoscope analyze: error: "
 
 
@@ -247,7 +276,10 @@ def test_check_prints_verdicts_and_exits_1_on_bad_files(tmp_path):
     assert verdicts["step_000003.safetensors"][0] == "error"
     assert f"tensor '{tensor}'" in verdicts["step_000003.safetensors"][1]
     assert "run past the end of the file" in verdicts["step_000003.safetensors"][1]
-    assert verdicts["step_000009.safetensors"] == ("error", "is a directory, not a safetensors file")
+    assert verdicts["step_000009.safetensors"] == (
+        "error",
+        "is a directory, not a safetensors file",
+    )
     assert re.search(r"^\d+ checked, 2 error\(s\)", r.stdout.splitlines()[-1])
     assert snapshot(tmp_path) == before  # computes nothing, writes nothing
 
@@ -291,15 +323,25 @@ def diverging(tmp_path_factory):
     short, analysed with --skip-bad --quiet, then rendered with report --json-log."""
     tmp = tmp_path_factory.mktemp("diverging")
     run = tmp / "run"
-    files = {s: cf.write_file(run / f"step_{s:06d}.safetensors", _diverging_tensors(s)) for s in STEPS}
+    files = {
+        s: cf.write_file(run / f"step_{s:06d}.safetensors", _diverging_tensors(s)) for s in STEPS
+    }
     (run / "trainer_state.json").write_text(json.dumps(cf.trainer_state(STEPS)))
     bad = Path(files.pop(TRUNCATED_STEP))
     bad.write_bytes(bad.read_bytes()[:-100])
     store, report = tmp / "out.zarr", tmp / "report"
-    analyzed = thermoscope("analyze", run, "--store", store, "--skip-bad", "--workers", "1", "--quiet")
+    analyzed = thermoscope(
+        "analyze", run, "--store", store, "--skip-bad", "--workers", "1", "--quiet"
+    )
     reported = thermoscope("--json-log", "report", store, "--out", report)
-    return {"files": files, "bad": str(bad), "store": store, "report": report,
-            "analyzed": analyzed, "reported": reported}
+    return {
+        "files": files,
+        "bad": str(bad),
+        "store": store,
+        "report": report,
+        "analyzed": analyzed,
+        "reported": reported,
+    }
 
 
 def test_quiet_analyze_prints_nothing(diverging):
@@ -327,7 +369,7 @@ def test_report_lists_skipped_and_nonfinite(diverging):
     page = html.unescape((diverging["report"] / "index.html").read_text())
     assert os.path.basename(diverging["bad"]) in page
     assert "run past the end of the file" in page
-    nonfinite = page[page.index("Non-finite values"):]
+    nonfinite = page[page.index("Non-finite values") :]
     assert BROKEN in nonfinite[:4000]
 
 
@@ -335,22 +377,34 @@ def test_nonfinite_counted_exactly_where_they_are(diverging):
     ds = xr.open_datatree(diverging["store"], engine="zarr")["run"].to_dataset()
     steps = list(ds.step.values)
     layers = [str(x) for x in ds.layer.values]
-    expected = np.array([[int((~torch.isfinite(load_file(diverging["files"][s])[name])).sum()) for name in layers]
-                         for s in steps])
-    assert expected.sum() > 0 and (expected[:, layers.index(BROKEN)] > 0).sum() == sum(s >= DIVERGES_AT for s in steps)
+    expected = np.array(
+        [
+            [
+                int((~torch.isfinite(load_file(diverging["files"][s])[name])).sum())
+                for name in layers
+            ]
+            for s in steps
+        ]
+    )
+    assert expected.sum() > 0 and (expected[:, layers.index(BROKEN)] > 0).sum() == sum(
+        s >= DIVERGES_AT for s in steps
+    )
     np.testing.assert_array_equal(ds.nonfinite_count.values, expected)
 
     # statistics of the broken layer use its finite values: exact against the file
     last = load_file(diverging["files"][steps[-1]])[BROKEN].double()
     finite = last[torch.isfinite(last)]
     assert ds.weight_rms.sel(step=steps[-1], layer=BROKEN).item() == pytest.approx(
-        float(finite.square().mean().sqrt()), rel=1e-6)
+        float(finite.square().mean().sqrt()), rel=1e-6
+    )
 
     # the unaffected layers are estimated as usual: finite statistics at every step, finite
     # displacements after the first, and a temperature wherever one exists, diverged or not
     healthy = [n for n in layers if n != BROKEN]
     for name in ("weight_mean", "weight_rms", "gaussian_entropy", "weight_entropy"):
-        assert np.isfinite(ds[name].sel(layer=healthy[1:]).values).all(), name  # [0] is the 8-value bias
+        assert np.isfinite(ds[name].sel(layer=healthy[1:]).values).all(), (
+            name
+        )  # [0] is the 8-value bias
     for name in ("weight_mean", "weight_rms", "gaussian_entropy"):
         assert np.isfinite(ds[name].sel(layer=healthy).values).all(), name
     assert np.isfinite(ds.msd.sel(layer=healthy).values[1:]).all()

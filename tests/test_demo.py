@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import demo
+from pipeline.core.errors import InputError
 from pipeline.demo import (
     ConstantLR,
     DigitsMLP,
@@ -22,11 +23,16 @@ from pipeline.demo import (
     make_demo,
     train_digits_run,
 )
-from pipeline.errors import InputError
 
 RUNS = ["lr_0.01", "lr_0.03", "lr_0.1", "lr_0.3", "schedule"]
-KEYS = ["layers.0.bias", "layers.0.weight", "layers.1.bias", "layers.1.weight",
-        "layers.2.bias", "layers.2.weight"]
+KEYS = [
+    "layers.0.bias",
+    "layers.0.weight",
+    "layers.1.bias",
+    "layers.1.weight",
+    "layers.2.bias",
+    "layers.2.weight",
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,10 @@ def test_layout_is_real_trainer_series(quick_root):
         run_dir = quick_root / run
         config = json.loads((run_dir / "config.json").read_text())
         assert config["thermoscope_activations"] == {
-            "layers.0": "tanh", "layers.1": "relu", "layers.2": "identity"}
+            "layers.0": "tanh",
+            "layers.1": "relu",
+            "layers.2": "identity",
+        }
         assert config["thermoscope_label_noise"] == marker["label_noise"] == 0.2
         steps = _steps(run_dir)
         assert steps == list(range(0, 101, 10))
@@ -93,11 +102,15 @@ def test_layout_is_real_trainer_series(quick_root):
 
 def test_training_learns_and_log_is_full_batch_loss(quick_root):
     run_dir = quick_root / "lr_0.3"
-    history = json.loads((run_dir / "checkpoint-100" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((run_dir / "checkpoint-100" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
     data = digits_dataset(label_noise=0.2)  # the demo's training labels
     model = DigitsMLP()
     for entry in (history[0], history[-1]):
-        model.load_state_dict(load_file(run_dir / f"checkpoint-{entry['step']}" / "model.safetensors"))
+        model.load_state_dict(
+            load_file(run_dir / f"checkpoint-{entry['step']}" / "model.safetensors")
+        )
         loss, _ = evaluate(model, data.x_train, data.y_train)
         assert loss == pytest.approx(entry["loss"], rel=1e-6)
     _, acc = evaluate(model, data.x_test, data.y_test)  # final checkpoint, clean held-out digits
@@ -108,8 +121,13 @@ def test_training_learns_and_log_is_full_batch_loss(quick_root):
 
 
 def test_logged_learning_rates_follow_schedules(quick_root):
-    for run, schedule in [("schedule", WarmupConstantDecay(0.1, 100)), ("lr_0.03", ConstantLR(0.03))]:
-        history = json.loads((quick_root / run / "checkpoint-100" / "trainer_state.json").read_text())["log_history"]
+    for run, schedule in [
+        ("schedule", WarmupConstantDecay(0.1, 100)),
+        ("lr_0.03", ConstantLR(0.03)),
+    ]:
+        history = json.loads(
+            (quick_root / run / "checkpoint-100" / "trainer_state.json").read_text()
+        )["log_history"]
         assert [e["learning_rate"] for e in history] == [schedule(e["step"]) for e in history]
     s = WarmupConstantDecay(0.1, 100)
     assert s(0) == pytest.approx(0.01) and s(9) == pytest.approx(0.1)  # warmup: 10 steps
@@ -137,7 +155,10 @@ def test_same_seed_same_tensors(tmp_path):
 def test_uneven_steps_and_saved_dtype(tmp_path):
     run = train_digits_run(tmp_path / "r", ConstantLR(0.05), 25, 10, dtype="F16")
     assert _steps(run) == [0, 10, 20, 25]
-    assert load_file(run / "checkpoint-25" / "model.safetensors")["layers.1.weight"].dtype == torch.float16
+    assert (
+        load_file(run / "checkpoint-25" / "model.safetensors")["layers.1.weight"].dtype
+        == torch.float16
+    )
 
 
 def test_second_call_does_not_rewrite(quick_root):

@@ -4,20 +4,29 @@ import json
 import os
 import time
 
+import checkpoint_factory as cf
 import pytest
 import torch
 
-import checkpoint_factory as cf
-from pipeline.discovery import discover, natural_key, step_from_name
-from pipeline.manifest import Manifest
-from pipeline.safetensors_io import read_rows
+from pipeline.core.manifest import Manifest
+from pipeline.ingest.discovery import discover, natural_key, step_from_name
+from pipeline.ingest.safetensors_io import read_rows
 
 
-@pytest.mark.parametrize("name,step", [
-    ("step_000100", 100), ("ckpt-100", 100), ("model_100", 100), ("checkpoint_100", 100),
-    ("100", 100), ("epoch3-step100", 100), ("global_step7_epoch2", 7), ("run2_model", 2),
-    ("STEP-0005", 5),
-])
+@pytest.mark.parametrize(
+    "name,step",
+    [
+        ("step_000100", 100),
+        ("ckpt-100", 100),
+        ("model_100", 100),
+        ("checkpoint_100", 100),
+        ("100", 100),
+        ("epoch3-step100", 100),
+        ("global_step7_epoch2", 7),
+        ("run2_model", 2),
+        ("STEP-0005", 5),
+    ],
+)
 def test_step_from_name(name, step):
     assert step_from_name(f"{name}.safetensors") == step
 
@@ -28,13 +37,26 @@ def test_step_from_name_without_number():
 
 def test_natural_key_orders_numbers_by_value():
     names = ["layers.10.weight", "layers.2.weight", "layers.0.bias", "emb", "layers.0.weight"]
-    assert sorted(names, key=natural_key) == ["emb", "layers.0.bias", "layers.0.weight",
-                                              "layers.2.weight", "layers.10.weight"]
+    assert sorted(names, key=natural_key) == [
+        "emb",
+        "layers.0.bias",
+        "layers.0.weight",
+        "layers.2.weight",
+        "layers.10.weight",
+    ]
 
 
-@pytest.mark.parametrize("pattern", ["step_{step:06d}.safetensors", "ckpt-{step}.safetensors",
-                                     "model_{step}.safetensors", "checkpoint_{step}.safetensors",
-                                     "{step}.safetensors", "epoch3-step{step}.safetensors"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "step_{step:06d}.safetensors",
+        "ckpt-{step}.safetensors",
+        "model_{step}.safetensors",
+        "checkpoint_{step}.safetensors",
+        "{step}.safetensors",
+        "epoch3-step{step}.safetensors",
+    ],
+)
 def test_flat_layout_steps_and_order(tmp_path, pattern):
     run = tmp_path / "myrun"
     paths = cf.write_flat(run, [100, 5, 20], pattern=pattern)
@@ -65,8 +87,10 @@ def test_trainer_layout_single_file(tmp_path, dtype):
     dirs = cf.write_trainer(tmp_path / "run", [0, 500, 1000, 10], dtype)
     r = discover(tmp_path / "run").runs[0]
     assert r.steps == [0, 10, 500, 1000]
-    assert all(t.dtype == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
-               for t in r.tensors)
+    assert all(
+        t.dtype == {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
+        for t in r.tensors
+    )
     c = r.checkpoints[-1]
     assert c.files["layers.2.weight"] == os.path.join(dirs[2], "model.safetensors")
     got = read_rows(c.files["layers.2.weight"], "layers.2.weight", 0, 8)
@@ -115,7 +139,11 @@ def test_trainer_log_and_activations_attached(tmp_path):
     cf.write_trainer(tmp_path / "run", [10, 20], hidden_act="silu")
     r = discover(tmp_path / "run").runs[0]
     assert r.log.step == [10, 20] and r.log.source.endswith("checkpoint-20/trainer_state.json")
-    assert r.activations == {"layers.0.weight": "silu", "layers.2.weight": "silu", "layers.10.weight": "silu"}
+    assert r.activations == {
+        "layers.0.weight": "silu",
+        "layers.2.weight": "silu",
+        "layers.10.weight": "silu",
+    }
 
 
 def test_loose_file_next_to_trainer_folders_is_listed_not_used(tmp_path):

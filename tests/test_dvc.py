@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from checkpoint_factory import write_flat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _dvc(cwd: Path, *args: str) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 

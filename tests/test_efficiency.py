@@ -44,15 +44,21 @@ def _adaptive_reference(name: str, scale: float) -> float:
 
     lim = 40 * scale
     edges = sorted({-lim, lim, *[k for k in (0.0, -1.0, 1.0, -10.0, 10.0, *kinks) if abs(k) < lim]})
-    total = sum(integrate.quad(integrand, a, b, epsabs=0, epsrel=1e-13, limit=2000)[0]
-                for a, b in zip(edges[:-1], edges[1:]))
+    total = sum(
+        integrate.quad(integrand, a, b, epsabs=0, epsrel=1e-13, limit=2000)[0]
+        for a, b in zip(edges[:-1], edges[1:])
+    )
     return 1 - total / scale**2
 
 
-@pytest.mark.parametrize("name", ["gelu", "gelu_new", "silu", "tanh", "elu", "selu", "softplus", "mish", "relu6"])
+@pytest.mark.parametrize(
+    "name", ["gelu", "gelu_new", "silu", "tanh", "elu", "selu", "softplus", "mish", "relu6"]
+)
 @pytest.mark.parametrize("scale", [1e-2, 1.0, 10.0, 100.0])
 def test_matches_adaptive_quadrature(name, scale):
-    assert work_efficiency(name, scale) == pytest.approx(_adaptive_reference(name, scale), abs=QUAD_TOL)
+    assert work_efficiency(name, scale) == pytest.approx(
+        _adaptive_reference(name, scale), abs=QUAD_TOL
+    )
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
@@ -88,10 +94,14 @@ def test_small_and_large_scale_closed_forms():
     # large s: gelu^2 - relu^2 is localised near 0, so eta = 1/2 - C / (s^3 sqrt(2 pi)) + O(s^-5)
     # with C = int (gelu(z)^2 - relu(z)^2) dz
     ndtr = special.ndtr
-    c = (integrate.quad(lambda z: z * z * (ndtr(z) ** 2 - 1), 0, np.inf, epsabs=1e-14)[0]
-         + integrate.quad(lambda z: z * z * ndtr(z) ** 2, -np.inf, 0, epsabs=1e-14)[0])
+    c = (
+        integrate.quad(lambda z: z * z * (ndtr(z) ** 2 - 1), 0, np.inf, epsabs=1e-14)[0]
+        + integrate.quad(lambda z: z * z * ndtr(z) ** 2, -np.inf, 0, epsabs=1e-14)[0]
+    )
     for s in [100.0, 1000.0]:
-        assert work_efficiency("gelu", s) == pytest.approx(0.5 - c / (s**3 * math.sqrt(2 * math.pi)), abs=1e-10)
+        assert work_efficiency("gelu", s) == pytest.approx(
+            0.5 - c / (s**3 * math.sqrt(2 * math.pi)), abs=1e-10
+        )
     etas = [work_efficiency("tanh", s) for s in [1e-3, 1e-1, 1, 10, 1e3]]
     assert all(b > a for a, b in zip(etas, etas[1:]))  # monotone from ~0 to ~1
     # selu is self-normalising: E[selu(z)^2] = 1 at s = 1, so eta(1) ~ 0
@@ -101,7 +111,18 @@ def test_small_and_large_scale_closed_forms():
 def test_engine_types():
     for name in ["relu", "leaky_relu", "identity", "linear"]:
         assert engine_type(name) == "scale-free", name
-    for name in ["gelu", "gelu_new", "silu", "tanh", "sigmoid", "softplus", "mish", "elu", "selu", "relu6"]:
+    for name in [
+        "gelu",
+        "gelu_new",
+        "silu",
+        "tanh",
+        "sigmoid",
+        "softplus",
+        "mish",
+        "elu",
+        "selu",
+        "relu6",
+    ]:
         assert engine_type(name) == "scale-dependent", name
 
 
@@ -149,8 +170,9 @@ def test_preactivation_scale_recovers_measured_std():
 def test_carnot_efficiency():
     assert carnot_efficiency(1.0, 4.0) == pytest.approx(0.75)
     assert isinstance(carnot_efficiency(1.0, 4.0), float)
-    out = carnot_efficiency(np.array([0.0, 1.0, 1.0, 1.0, np.nan, 1.0]),
-                            np.array([2.0, 2.0, 0.0, -1.0, 2.0, np.inf]))
+    out = carnot_efficiency(
+        np.array([0.0, 1.0, 1.0, 1.0, np.nan, 1.0]), np.array([2.0, 2.0, 0.0, -1.0, 2.0, np.inf])
+    )
     np.testing.assert_allclose(out[:2], [1.0, 0.5])
     assert np.all(np.isnan(out[2:]))
     np.testing.assert_allclose(carnot_efficiency(np.array([1.0, 2.0]), 4.0), [0.75, 0.5])
@@ -158,8 +180,9 @@ def test_carnot_efficiency():
 
 def test_realized_efficiency():
     assert realized_efficiency(3.0, 1.0) == pytest.approx(0.75)
-    out = realized_efficiency(np.array([1.0, 0.0, 0.0, 2.0, 1.0, np.nan]),
-                              np.array([1.0, 5.0, 0.0, -1.0, -1.0, 1.0]))
+    out = realized_efficiency(
+        np.array([1.0, 0.0, 0.0, 2.0, 1.0, np.nan]), np.array([1.0, 5.0, 0.0, -1.0, -1.0, 1.0])
+    )
     np.testing.assert_allclose(out[:4], [0.5, 0.0, np.nan, 2.0])
     assert np.isnan(out[2]) and np.isnan(out[4]) and np.isnan(out[5])
     # cancellation at the 1e-12 relative level counts as a zero denominator

@@ -50,7 +50,10 @@ def test_additive_over_row_blocks():
     slice boundaries, so the chunk loop and its reused buffers are exercised too."""
     steps, theta, _ = _window(n=3000, n_t=20, seed=1)
     whole = window_log_var_sum(_rows(theta), steps, chunk=1024)
-    parts = sum(window_log_var_sum(_rows(theta, slice(a, a + 1000)), steps, chunk=1024) for a in (0, 1000, 2000))
+    parts = sum(
+        window_log_var_sum(_rows(theta, slice(a, a + 1000)), steps, chunk=1024)
+        for a in (0, 1000, 2000)
+    )
     assert parts == pytest.approx(whole, rel=1e-6)  # fp32 per-chunk log sums (METHODS.md: ~1e-7)
 
 
@@ -69,8 +72,8 @@ def test_no_cancellation_far_from_zero():
 def test_frozen_and_linear_coordinates_excluded():
     steps = np.arange(10.0)
     theta = np.zeros((10, 4), np.float32)
-    theta[:, 1] = 0.5                         # constant (e.g. a norm gain)
-    theta[:, 2] = 3.0 + 0.25 * steps          # exactly linear drift
+    theta[:, 1] = 0.5  # constant (e.g. a norm gain)
+    theta[:, 2] = 3.0 + 0.25 * steps  # exactly linear drift
     theta[:, 3] = np.random.default_rng(3).normal(0, 0.1, 10)
     theta[:, 0] = 0.0
     assert window_frozen_count(_rows(theta), steps) == 3
@@ -89,7 +92,11 @@ def test_too_few_checkpoints():
 
 
 def test_window_statistics_returns_both_in_one_pass():
-    from pipeline.estimators.ensemble import window_frozen_count, window_log_var_sum, window_statistics
+    from pipeline.estimators.ensemble import (
+        window_frozen_count,
+        window_log_var_sum,
+        window_statistics,
+    )
 
     rng = np.random.default_rng(3)
     steps = np.arange(10) * 5.0

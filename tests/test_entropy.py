@@ -97,8 +97,12 @@ def test_small_sample_uniform_unbiased():
     """The digamma correction makes the estimator exactly unbiased for a uniform density at any
     n: mean over 400 samples of n=64 within 4 standard errors of ln(2)."""
     g = _gen(7)
-    est = np.array([differential_entropy(torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1)
-                    for _ in range(400)])
+    est = np.array(
+        [
+            differential_entropy(torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1)
+            for _ in range(400)
+        ]
+    )
     se = est.std(ddof=1) / math.sqrt(est.size)
     assert abs(est.mean() - math.log(2)) < 4 * se
 

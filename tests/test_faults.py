@@ -18,14 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint_factory as cf
 import pytest
 import torch
 import xarray as xr
 
-import checkpoint_factory as cf
-
 REPO = Path(__file__).resolve().parents[1]
-N_LAYERS, SIDE, N_CHECKPOINTS = 6, 384, 20  # 6 x 147k-param layers: measure phase of several seconds
+N_LAYERS, SIDE, N_CHECKPOINTS = (
+    6,
+    384,
+    20,
+)  # 6 x 147k-param layers: measure phase of several seconds
 PARAMS = "measure:\n  max_lag: 4\n  entropy_sample: 4096\n  ensemble_window: 4\n"
 
 
@@ -39,8 +42,11 @@ def thermoscope(*args, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` by relative path (folders implied)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def write_big_series(run: Path) -> None:
@@ -64,13 +70,21 @@ def json_events(stderr: str) -> list[dict]:
 def kill_when_measuring(args, cache: Path, run_name: str, timeout: float = 180) -> int:
     """Start ``thermoscope ARGS`` in its own session, wait until it has cached its first
     measured layer, then SIGKILL its whole process group. Returns the layers cached by then."""
-    proc = subprocess.Popen(command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command(*args),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while not cached_layers(cache, run_name):
             if proc.poll() is not None:
-                pytest.fail(f"run ended (rc {proc.returncode}) before it was killed: {proc.stderr.read()}")
+                pytest.fail(
+                    f"run ended (rc {proc.returncode}) before it was killed: {proc.stderr.read()}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("no layer measured in time")
             time.sleep(0.02)
@@ -106,8 +120,19 @@ def test_failed_and_killed_runs_keep_previous_results_and_resume(tmp_path):
     # an uninterrupted run (own cache) is the reference; a copy of its store is the previous
     # result at the path the next runs write to, with its report
     reference = tmp_path / "reference.zarr"
-    ref = thermoscope("analyze", tmp_path / "big", "--store", reference, "--params", params, "--workers", "1",
-                      "--cache", tmp_path / "fresh_cache", "--quiet")
+    ref = thermoscope(
+        "analyze",
+        tmp_path / "big",
+        "--store",
+        reference,
+        "--params",
+        params,
+        "--workers",
+        "1",
+        "--cache",
+        tmp_path / "fresh_cache",
+        "--quiet",
+    )
     assert ref.returncode == 0, ref.stderr
     shutil.copytree(reference, store)
     assert thermoscope("report", store, "--out", report, "--quiet").returncode == 0
@@ -129,7 +154,17 @@ def test_failed_and_killed_runs_keep_previous_results_and_resume(tmp_path):
     unchanged()
 
     # (b) a run killed with SIGKILL mid-measure
-    analyze_big = ("--json-log", "analyze", tmp_path / "big", "--store", store, "--params", params, "--workers", "1")
+    analyze_big = (
+        "--json-log",
+        "analyze",
+        tmp_path / "big",
+        "--store",
+        store,
+        "--params",
+        params,
+        "--workers",
+        "1",
+    )
     n_cached = kill_when_measuring(analyze_big, cache, "big")
     assert 1 <= n_cached < N_LAYERS, n_cached  # killed mid-measure: some layers done, some not
     unchanged()
@@ -157,5 +192,6 @@ def test_failed_and_killed_runs_keep_previous_results_and_resume(tmp_path):
     assert [n.path for n in got.subtree] == [n.path for n in want.subtree] == ["/", "/big"]
     assert dict(got.attrs) == dict(want.attrs)
     for node in want.subtree:
-        xr.testing.assert_identical(got[node.path].to_dataset(inherit=False).load(),
-                                    node.to_dataset(inherit=False).load())
+        xr.testing.assert_identical(
+            got[node.path].to_dataset(inherit=False).load(), node.to_dataset(inherit=False).load()
+        )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from checkpoint_factory import write_random_walk
+
+from pipeline.core.manifest import TensorInfo
 from pipeline.estimators.displacement import band_from_increment_dots, sq_distance_band
 from pipeline.estimators.ensemble import increment_window_statistics, window_statistics
-from pipeline.manifest import TensorInfo
-from pipeline.measure import BlockTask, MeasureSettings, measure_block
+from pipeline.measure.kernel import BlockTask, measure_block
+from pipeline.settings import MeasureSettings
 
 ROWS, COLS, N_CKPT = 96, 40, 19
 
@@ -35,7 +36,9 @@ def _direct_band(values, max_lag):
 
 
 def _task(files, steps, resume_from=0, start=0, stop=ROWS):
-    return BlockTask("run", TensorInfo("w", (ROWS, COLS), "F32"), start, stop, files, steps, resume_from)
+    return BlockTask(
+        "run", TensorInfo("w", (ROWS, COLS), "F32"), start, stop, files, steps, resume_from
+    )
 
 
 def test_band_from_increment_dots_is_the_expanded_square():
@@ -50,7 +53,9 @@ def test_band_from_increment_dots_is_the_expanded_square():
     prev2 = np.array([np.sum((x[1] - x[0]) ** 2), np.nan, np.nan])
     dots2 = np.array([d[1] @ d[1], d[1] @ d[0], np.nan])
     got = band_from_increment_dots(prev2, dots2)
-    np.testing.assert_allclose(got[:2], [np.sum((x[2] - x[1]) ** 2), np.sum((x[2] - x[0]) ** 2)], rtol=1e-12)
+    np.testing.assert_allclose(
+        got[:2], [np.sum((x[2] - x[1]) ** 2), np.sum((x[2] - x[0]) ** 2)], rtol=1e-12
+    )
     assert np.isnan(got[2])
 
 
@@ -60,15 +65,21 @@ def test_measure_block_matches_direct_definitions(tmp_path, slice_elems):
     windows (1e-5 relative) equal the direct computations, for slices of one row, five rows
     and the whole block."""
     values, files, steps = _series(tmp_path)
-    settings = MeasureSettings(max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=slice_elems)
+    settings = MeasureSettings(
+        max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=slice_elems
+    )
     out = measure_block(_task(files, steps), settings)
     np.testing.assert_allclose(out["sq_distance"], _direct_band(values, 5), rtol=1e-5)
     want = [window_statistics(values[a : a + 6], steps[a : a + 6]) for a in range(0, N_CKPT - 5, 6)]
     np.testing.assert_allclose(out["ensemble_log_var"], [lv for lv, _ in want], rtol=1e-5)
     assert list(out["ensemble_frozen"]) == [n for _, n in want] == [0, 0, 0]
     stacked = torch.stack(values).reshape(N_CKPT, -1).double()
-    np.testing.assert_allclose(out["sum"], stacked.sum(1).numpy(), atol=1e-6 * stacked.abs().sum(1).max().item())
-    np.testing.assert_allclose(out["sample"], stacked.float().numpy())  # sample >= n: every coordinate
+    np.testing.assert_allclose(
+        out["sum"], stacked.sum(1).numpy(), atol=1e-6 * stacked.abs().sum(1).max().item()
+    )
+    np.testing.assert_allclose(
+        out["sample"], stacked.float().numpy()
+    )  # sample >= n: every coordinate
 
 
 def test_entropy_sample_is_the_same_coordinates_whatever_the_slice_size(tmp_path):
@@ -76,14 +87,20 @@ def test_entropy_sample_is_the_same_coordinates_whatever_the_slice_size(tmp_path
     the whole block (the GPU's) store the same values."""
     values, files, steps = _series(tmp_path)
     stacked = torch.stack(values).reshape(N_CKPT, -1)
-    samples = [measure_block(_task(files, steps), MeasureSettings(entropy_sample=500, slice_elems=n))["sample"]
-               for n in (40, 200, 10**6)]
+    samples = [
+        measure_block(_task(files, steps), MeasureSettings(entropy_sample=500, slice_elems=n))[
+            "sample"
+        ]
+        for n in (40, 200, 10**6)
+    ]
     assert samples[0].shape == (N_CKPT, 500)
     for other in samples[1:]:
         np.testing.assert_array_equal(other, samples[0])
     columns = [int(np.flatnonzero(stacked[0].numpy() == v)[0]) for v in samples[0][0]]
     assert columns == sorted(set(columns))  # distinct coordinates, in block order
-    np.testing.assert_array_equal(samples[0], stacked[:, columns].numpy())  # the same ones at every step
+    np.testing.assert_array_equal(
+        samples[0], stacked[:, columns].numpy()
+    )  # the same ones at every step
 
 
 def test_nonfinite_checkpoint_falls_back_to_direct_sums(tmp_path):
@@ -96,7 +113,9 @@ def test_nonfinite_checkpoint_falls_back_to_direct_sums(tmp_path):
     assert np.isfinite(out["sq_distance"][5:]).all()  # full history from checkpoint max_lag on
     assert list(out["nonfinite"]) == [2 if i == 7 else 0 for i in range(N_CKPT)]
     clean = [torch.nan_to_num(v, nan=0.0, posinf=0.0) for v in values]
-    want = [window_statistics(clean[a : a + 6], steps[a : a + 6])[0] for a in range(0, N_CKPT - 5, 6)]
+    want = [
+        window_statistics(clean[a : a + 6], steps[a : a + 6])[0] for a in range(0, N_CKPT - 5, 6)
+    ]
     np.testing.assert_allclose(out["ensemble_log_var"], want, rtol=1e-5)
 
 
@@ -136,11 +155,15 @@ def test_spectral_metrics_per_checkpoint_with_sliced_statistics(tmp_path):
     from pipeline.estimators.spectral import singular_values, spectral_metrics
 
     values, files, steps = _series(tmp_path, nan_at=(4, 10, 3))
-    settings = MeasureSettings(max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=200, spectral=True)
+    settings = MeasureSettings(
+        max_lag=5, ensemble_window=6, entropy_sample=10**6, slice_elems=200, spectral=True
+    )
     out = measure_block(_task(files, steps), settings)
     for i, v in enumerate(values):
         if i == 4:
             assert np.isnan(out["spectral"][i]).all()
         else:
-            np.testing.assert_allclose(out["spectral"][i], spectral_metrics(singular_values(v), ROWS, COLS), rtol=1e-10)
+            np.testing.assert_allclose(
+                out["spectral"][i], spectral_metrics(singular_values(v), ROWS, COLS), rtol=1e-10
+            )
     np.testing.assert_allclose(out["sq_distance"], _direct_band(values, 5), rtol=1e-5)

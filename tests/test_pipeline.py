@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import xarray as xr
-
 from checkpoint_factory import NATURAL_ORDER, write_flat
+
 from pipeline.analyze import analyze
-from pipeline.measure import MeasureSettings
-from pipeline.parallel import ClusterSettings
+from pipeline.settings import ClusterSettings, MeasureSettings
 
 SETTINGS = MeasureSettings(max_lag=4, entropy_sample=4096, ensemble_window=4, block_elems=16)
 LOCAL = ClusterSettings(n_workers=2, processes=True)  # worker processes, as on large series
@@ -44,7 +42,9 @@ def test_analyze_flat_folder_outside_repo_on_two_worker_cluster(tmp_path):
     got = ds.sq_distance.sel(step=90, layer="layers.2.weight", lag=2).item()
     assert got == pytest.approx(float(((a - b) ** 2).sum()), rel=1e-6)
     rms = float(a.square().mean().sqrt())
-    assert ds.weight_rms.sel(step=90, layer="layers.2.weight").item() == pytest.approx(rms, rel=1e-6)
+    assert ds.weight_rms.sel(step=90, layer="layers.2.weight").item() == pytest.approx(
+        rms, rel=1e-6
+    )
 
 
 def _free_port() -> int:
@@ -58,10 +58,33 @@ def external_cluster():
     """A real scheduler and two workers started as separate processes."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                  "--port", str(port), "--no-dashboard"], stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
-                               "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     from distributed import Client
 
     deadline = time.time() + 60
@@ -86,8 +109,15 @@ def test_external_scheduler_gives_identical_results(tmp_path, external_cluster, 
     write_flat(tmp_path / "run", range(0, 60, 5))
     local = _run_node(analyze(tmp_path / "run", tmp_path / "local.zarr", SETTINGS, LOCAL))
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", external_cluster)
-    remote = _run_node(analyze(tmp_path / "run", tmp_path / "remote.zarr", SETTINGS, ClusterSettings(),
-                               cache_dir=tmp_path / "other-cache"))
+    remote = _run_node(
+        analyze(
+            tmp_path / "run",
+            tmp_path / "remote.zarr",
+            SETTINGS,
+            ClusterSettings(),
+            cache_dir=tmp_path / "other-cache",
+        )
+    )
     xr.testing.assert_identical(local.drop_attrs(), remote.drop_attrs())
 
 
@@ -113,8 +143,18 @@ def test_adding_checkpoints_measures_only_new_ones_and_matches_full_run(tmp_path
     # window of the resumed run: if it read them, it would see NaNs
     for step in range(0, 40, 10):
         _scramble_data_keep_mtime(tmp_path / f"run/step_{step:06d}.safetensors")
-    incremental = _run_node(analyze(tmp_path / "run", tmp_path / "b.zarr", SETTINGS, shared, cache_dir=cache))
-    full = _run_node(analyze(tmp_path / "pristine", tmp_path / "c.zarr", SETTINGS, shared, cache_dir=tmp_path / "fresh"))
+    incremental = _run_node(
+        analyze(tmp_path / "run", tmp_path / "b.zarr", SETTINGS, shared, cache_dir=cache)
+    )
+    full = _run_node(
+        analyze(
+            tmp_path / "pristine",
+            tmp_path / "c.zarr",
+            SETTINGS,
+            shared,
+            cache_dir=tmp_path / "fresh",
+        )
+    )
     assert int(incremental.nonfinite_count.sum()) == 0
     # the resumed band starts from a direct fp32 sum where the full run continues its increment
     # recursion (METHODS.md, measurement primitive): equal to fp32 precision
@@ -128,15 +168,20 @@ def _worker_state():
 
     import torch
 
-    return {"malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "omp": os.environ.get("OMP_NUM_THREADS"),
-            "torch_threads": torch.get_num_threads(), "parent": os.getppid(), "torch": "torch" in sys.modules}
+    return {
+        "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "parent": os.getppid(),
+        "torch": "torch" in sys.modules,
+    }
 
 
 def test_worker_processes_fork_from_the_preloaded_server():
     """Workers are children of the forkserver (torch imported there once) and carry the worker
     environment it was started with: malloc settings and one OpenMP thread."""
-    from pipeline.forkserver import WORKER_MALLOC
-    from pipeline.parallel import dask_client
+    from pipeline.measure.forkserver import WORKER_MALLOC
+    from pipeline.measure.parallel import dask_client
 
     with dask_client(ClusterSettings(n_workers=2, processes=True)) as client:
         states = list(client.run(_worker_state).values())
@@ -151,7 +196,7 @@ def test_worker_processes_fork_from_the_preloaded_server():
 def test_thread_workers_run_torch_single_threaded():
     import torch
 
-    from pipeline.parallel import dask_client
+    from pipeline.measure.parallel import dask_client
 
     before = torch.get_num_threads()
     with dask_client(ClusterSettings(n_workers=2, processes=False)) as client:

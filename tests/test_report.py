@@ -15,14 +15,25 @@ import pandas as pd
 import pytest
 import xarray as xr
 from PIL import Image
-
-from pipeline.errors import InputError
-from pipeline.figures import layer_ticks, lr_phases
-from pipeline.report import render_report
 from report_fixture import build_store
 
-SECTION_ORDER = ["summary", "temperature-map", "weight_entropy-map", "global-curves", "efficiency",
-                 "work-heat", "sweep", "free-energy", "layers", "nonfinite", "skipped"]
+from pipeline.core.errors import InputError
+from pipeline.report.figures import layer_ticks, lr_phases
+from pipeline.report.render import render_report
+
+SECTION_ORDER = [
+    "summary",
+    "temperature-map",
+    "weight_entropy-map",
+    "global-curves",
+    "efficiency",
+    "work-heat",
+    "sweep",
+    "free-energy",
+    "layers",
+    "nonfinite",
+    "skipped",
+]
 SKIPPED = [["ckpt/step-77/model.safetensors", "truncated header"]]
 
 
@@ -44,11 +55,14 @@ def sections(page: str) -> dict[str, str]:
 
 
 def images(fragment: str) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(base64.b64decode(b64)))
-            for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', fragment)]
+    return [
+        Image.open(io.BytesIO(base64.b64decode(b64)))
+        for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', fragment)
+    ]
 
 
 # ---------------------------------------------------------------- the page
+
 
 def test_page_is_self_contained(report):
     page = report.read_text()
@@ -101,6 +115,7 @@ def test_summary_table_and_highlights(report, store):
 
 # ---------------------------------------------------------------- metrics and plots
 
+
 def test_metrics_equal_values_recomputed_from_store(report, store):
     metrics = json.loads((report.parent / "metrics.json").read_text())
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
@@ -109,12 +124,15 @@ def test_metrics_equal_values_recomputed_from_store(report, store):
         ds = tree[run].to_dataset()
         gt = ds.global_temperature.dropna("step")
         expected = {
-            "n_steps": ds.sizes["step"], "n_layers": ds.sizes["layer"],
-            "global_temperature_last": float(gt[-1]), "global_temperature_last_step": int(gt.step[-1]),
+            "n_steps": ds.sizes["step"],
+            "n_layers": ds.sizes["layer"],
+            "global_temperature_last": float(gt[-1]),
+            "global_temperature_last_step": int(gt.step[-1]),
             "global_temperature_peak": float(gt.max()),
             "global_temperature_peak_step": int(ds.global_temperature.idxmax()),
             "temperature_spread_last": float(ds.temperature_spread.dropna("step")[-1]),
-            "final_loss": float(ds.loss.dropna("step")[-1]), "min_loss": float(ds.loss.min()),
+            "final_loss": float(ds.loss.dropna("step")[-1]),
+            "min_loss": float(ds.loss.min()),
             "mean_temperature": float(ds.temperature.mean()),
             "mean_weight_entropy": float(ds.weight_entropy.mean()),
             "nonfinite_total": int(ds.nonfinite_count.sum()),
@@ -145,9 +163,13 @@ def test_plot_tables_equal_store(report, store):
         np.testing.assert_allclose(back.values, ds.temperature.values, rtol=1e-12, equal_nan=True)
     sweep = pd.read_csv(plots / "sweep.temperature_vs_lr.csv")
     np.testing.assert_allclose(sweep.lr, tree["sweep"].to_dataset().run_learning_rate, rtol=1e-12)
-    np.testing.assert_allclose(sweep.temperature, tree["sweep"].to_dataset().run_temperature, rtol=1e-12)
+    np.testing.assert_allclose(
+        sweep.temperature, tree["sweep"].to_dataset().run_temperature, rtol=1e-12
+    )
     both = pd.read_csv(plots / "global.csv")  # the files dvc.yaml names: all runs, a run column
-    assert set(both.run) == {"lr_0.02", "lr_0.04"} and len(both) == 2 * tree["lr_0.02"].sizes["step"]
+    assert (
+        set(both.run) == {"lr_0.02", "lr_0.04"} and len(both) == 2 * tree["lr_0.02"].sizes["step"]
+    )
     long = pd.read_csv(plots / "layer_temperature.csv")
     assert {"step", "layer", "temperature", "run"} <= set(long.columns)
     assert len(long) == 2 * tree["lr_0.02"].sizes["step"] * tree["lr_0.02"].sizes["layer"]
@@ -155,8 +177,11 @@ def test_plot_tables_equal_store(report, store):
 
 # ---------------------------------------------------------------- atomicity
 
+
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_failure_midway_leaves_old_report_byte_identical(store, report, tmp_path):
@@ -165,14 +190,21 @@ def test_failure_midway_leaves_old_report_byte_identical(store, report, tmp_path
     before = snapshot(out)
     broken = tmp_path / "broken.zarr"
     shutil.copytree(store, broken)
-    chunks = [p for p in (broken / "lr_0.04" / "weight_entropy").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    chunks = [
+        p
+        for p in (broken / "lr_0.04" / "weight_entropy").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    ]
     assert chunks
     for chunk in chunks:  # opens lazily, fails when the data are read (after the temp dir exists)
         chunk.write_bytes(b"\x00garbage" * 8)
     with pytest.raises(Exception):
         render_report(broken, out)
     assert snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.zarr", "report"]  # temp dir removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "broken.zarr",
+        "report",
+    ]  # temp dir removed
 
 
 def test_missing_store_is_input_error(tmp_path):
@@ -188,20 +220,42 @@ def test_rerender_replaces_stale_plot_files(store, report, tmp_path):
     single = build_store(tmp_path / "one.zarr", n_runs=1, n_layers=2, n_steps=3)
     render_report(single, out)
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
-        "global.csv", "layer_temperature.csv", "lr_0.02.global.csv", "lr_0.02.layer_temperature.csv"]
+        "global.csv",
+        "layer_temperature.csv",
+        "lr_0.02.global.csv",
+        "lr_0.02.layer_temperature.csv",
+    ]
     assert not any(k.startswith("lr_0.04") for k in json.loads((out / "metrics.json").read_text()))
 
 
 # ---------------------------------------------------------------- robustness
 
-DROPPED = ("temperature", "diffusivity", "global_temperature", "temperature_spread", "work_efficiency", "carnot_efficiency",
-           "realized_efficiency", "engine_type", "work", "heat", "equilibrium_step", "equilibrated",
-           "nonfinite_count")
+DROPPED = (
+    "temperature",
+    "diffusivity",
+    "global_temperature",
+    "temperature_spread",
+    "work_efficiency",
+    "carnot_efficiency",
+    "realized_efficiency",
+    "engine_type",
+    "work",
+    "heat",
+    "equilibrium_step",
+    "equilibrated",
+    "nonfinite_count",
+)
 
 
 def test_missing_variables_skip_sections_with_a_note(tmp_path):
-    path = build_store(tmp_path / "s.zarr", n_runs=1, n_layers=4, n_steps=8, drop=DROPPED,
-                       all_nan=("learning_rate",))
+    path = build_store(
+        tmp_path / "s.zarr",
+        n_runs=1,
+        n_layers=4,
+        n_steps=8,
+        drop=DROPPED,
+        all_nan=("learning_rate",),
+    )
     page = render_report(path, tmp_path / "out").read_text()
     found = sections(page)
     assert list(found) == SECTION_ORDER
@@ -217,8 +271,13 @@ def test_missing_variables_skip_sections_with_a_note(tmp_path):
 
 
 def test_all_nan_temperature(tmp_path):
-    path = build_store(tmp_path / "s.zarr", n_runs=1, n_layers=4, n_steps=6,
-                       all_nan=("temperature", "diffusivity", "global_temperature", "temperature_spread"))
+    path = build_store(
+        tmp_path / "s.zarr",
+        n_runs=1,
+        n_layers=4,
+        n_steps=6,
+        all_nan=("temperature", "diffusivity", "global_temperature", "temperature_spread"),
+    )
     page = render_report(path, tmp_path / "out").read_text()
     found = sections(page)
     assert not images(found["temperature-map"])
@@ -244,13 +303,16 @@ def test_250_layers_stay_legible(tmp_path):
     page = render_report(path, tmp_path / "out").read_text()
     (tmap,) = images(sections(page)["temperature-map"])
     assert tmap.size[1] <= 14 * 100 + 50  # height capped
-    pos, labels = layer_ticks([f"blocks.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(250)])
+    pos, labels = layer_ticks(
+        [f"blocks.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(250)]
+    )
     assert len(labels) <= 40 and pos == sorted(pos)
     assert sections(page)["layers"].count("<tr") - 1 == 250
     assert len(page) < 1_500_000
 
 
 # ---------------------------------------------------------------- helpers with known answers
+
 
 def test_layer_ticks_groups_blocks_or_thins():
     few = [f"l{i}" for i in range(10)]
@@ -266,9 +328,17 @@ def test_layer_ticks_groups_blocks_or_thins():
 def test_lr_phases_recovers_known_schedules():
     steps = np.arange(0, 1001, 50)
     lr = np.interp(steps, [0, 200, 600, 1000], [0.0, 1e-3, 1e-3, 1e-4])
-    assert lr_phases(steps, lr) == [(0, 200, "warmup"), (200, 600, "constant"), (600, 1000, "decay")]
+    assert lr_phases(steps, lr) == [
+        (0, 200, "warmup"),
+        (200, 600, "constant"),
+        (600, 1000, "decay"),
+    ]
     drop = np.where(steps <= 500, 0.1, 0.01)
-    assert lr_phases(steps, drop) == [(0, 500, "constant"), (500, 550, "decay"), (550, 1000, "constant")]
+    assert lr_phases(steps, drop) == [
+        (0, 500, "constant"),
+        (500, 550, "decay"),
+        (550, 1000, "constant"),
+    ]
     assert lr_phases(steps, np.full(len(steps), 3e-4)) == [(0, 1000, "constant")]
     assert lr_phases(steps, np.full(len(steps), np.nan)) == []
     assert lr_phases(steps[:1], lr[:1]) == []
@@ -285,14 +355,23 @@ def test_five_run_demo_page_stays_light(tmp_path):
 
 def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
     """No LR log -> no temperature (never invented): the map shows the measured diffusivity."""
-    path = build_store(tmp_path / "s.zarr", n_runs=1, n_layers=4, n_steps=6,
-                       all_nan=("temperature", "global_temperature", "temperature_spread"))
+    path = build_store(
+        tmp_path / "s.zarr",
+        n_runs=1,
+        n_layers=4,
+        n_steps=6,
+        all_nan=("temperature", "global_temperature", "temperature_spread"),
+    )
     tree = xr.open_datatree(path, engine="zarr").load()
     run = tree[list(tree.children)[0]].to_dataset()
-    diffusivity = xr.full_like(run["weight_rms"], 1e-6).assign_attrs(units="weight^2/param/step",
-                                                                      long_name="noise diffusivity D")
+    diffusivity = xr.full_like(run["weight_rms"], 1e-6).assign_attrs(
+        units="weight^2/param/step", long_name="noise diffusivity D"
+    )
     tree[list(tree.children)[0]].dataset = run.assign(diffusivity=diffusivity)
     tree.to_zarr(tmp_path / "d.zarr", mode="w")
     found = sections(render_report(tmp_path / "d.zarr", tmp_path / "out").read_text())
     assert images(found["temperature-map"])
-    assert "noise diffusivity D" in found["temperature-map"] and "No learning-rate log" in found["temperature-map"]
+    assert (
+        "noise diffusivity D" in found["temperature-map"]
+        and "No learning-rate log" in found["temperature-map"]
+    )

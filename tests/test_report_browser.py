@@ -10,18 +10,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.report import render_report
 from report_fixture import build_store
 
+from pipeline.report.render import render_report
+
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="/usr/bin/chromium not installed (apt-get install chromium)"
+    ),
 ]
 
 
@@ -32,7 +43,9 @@ def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProc
 
 def js_errors(stderr: str) -> list[str]:
     """Console messages and uncaught exceptions from Chromium's stderr log (the page logs nothing)."""
-    return [line for line in stderr.splitlines() if "Uncaught" in line or re.search(r":CONSOLE\b", line)]
+    return [
+        line for line in stderr.splitlines() if "Uncaught" in line or re.search(r":CONSOLE\b", line)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +82,9 @@ def test_inline_js_ran_and_wired_the_sortable_table(page, tmp_path):
 def test_detector_sees_a_broken_script(page, tmp_path):
     """Negative control: the same page with a failing script is caught by both checks."""
     broken = tmp_path / "broken.html"
-    broken.write_text(page.read_text().replace("<script>", "<script>console.error('boom');missingFn();", 1))
+    broken.write_text(
+        page.read_text().replace("<script>", "<script>console.error('boom');missingFn();", 1)
+    )
     proc = chromium(broken, tmp_path / "profile", "--dump-dom")
     assert len(js_errors(proc.stderr)) >= 2
     assert not re.search(r"<body[^>]*data-sortable-headers", proc.stdout)

@@ -2,14 +2,21 @@
 
 import os
 
+import checkpoint_factory as cf
 import pytest
 import torch
 
-import checkpoint_factory as cf
-from pipeline.errors import InputError
-from pipeline.manifest import TensorInfo
-from pipeline.safetensors_io import (FLOAT_DTYPES, is_float_dtype, load_header, read_header,
-                                     read_metadata, read_rows, tensor_infos)
+from pipeline.core.errors import InputError
+from pipeline.core.manifest import TensorInfo
+from pipeline.ingest.safetensors_io import (
+    FLOAT_DTYPES,
+    is_float_dtype,
+    load_header,
+    read_header,
+    read_metadata,
+    read_rows,
+    tensor_infos,
+)
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -18,7 +25,10 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 def model_file(tmp_path):
     def make(dtype=torch.float32, step=3):
         tensors = cf.model_tensors(step, dtype, buffers=True)
-        return cf.write_file(tmp_path / f"m_{dtype}.safetensors", tensors, {"step": str(step)}), tensors
+        return cf.write_file(
+            tmp_path / f"m_{dtype}.safetensors", tensors, {"step": str(step)}
+        ), tensors
+
     return make
 
 
@@ -66,7 +76,9 @@ def test_read_rows_equals_upcast_values(model_file, code, start, stop):
 def test_read_rows_into_buffer_reports_a_file_truncated_after_validation(tmp_path):
     path = cf.write_file(tmp_path / "t.safetensors", {"w": torch.arange(64.0).reshape(8, 8)})
     read_rows(path, "w", 0, 8)  # header validated and cached
-    with open(path, "r+b") as f:  # another process truncates it in place, same size in the cache key
+    with open(
+        path, "r+b"
+    ) as f:  # another process truncates it in place, same size in the cache key
         f.truncate(os.path.getsize(path) - 16)
     with pytest.raises(InputError, match="t.safetensors"):
         read_rows(path, "w", 0, 8, out=torch.empty(8, 8))
@@ -83,7 +95,9 @@ def test_read_rows_other_float_dtypes(tmp_path, dtype):
 
 
 def test_read_rows_scalar_and_int_buffer(tmp_path):
-    path = cf.write_file(tmp_path / "s.safetensors", {"s": torch.tensor(2.5), "ids": torch.arange(5)})
+    path = cf.write_file(
+        tmp_path / "s.safetensors", {"s": torch.tensor(2.5), "ids": torch.arange(5)}
+    )
     assert read_rows(path, "s", 0, 0).item() == 2.5
     assert torch.equal(read_rows(path, "ids", 1, 3), torch.tensor([1.0, 2.0]))
 

@@ -17,14 +17,17 @@ import xarray as xr
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
-from pipeline import thermo
 from pipeline.analyze import analyze
 from pipeline.demo import ConstantLR, make_demo, train_digits_run
 from pipeline.estimators.efficiency import engine_type, preactivation_scale, work_efficiency
 from pipeline.estimators.thermodynamics import equilibrium, log_mean
-from pipeline.measure import MeasureSettings
-from pipeline.parallel import ClusterSettings
-from pipeline.simulate import LayerSpec, simulate_linear_regression_sgd, simulate_quadratic_series
+from pipeline.settings import ClusterSettings, MeasureSettings
+from pipeline.testing.simulate import (
+    LayerSpec,
+    simulate_linear_regression_sgd,
+    simulate_quadratic_series,
+)
+from pipeline.thermo import derive as thermo
 
 WINDOW = 8
 SETTINGS = MeasureSettings(max_lag=WINDOW, entropy_sample=4096, ensemble_window=WINDOW)
@@ -40,8 +43,9 @@ def cluster(dask_cluster) -> ClusterSettings:
 
 
 def _analyze(src, tmp_path, cluster, settings=SETTINGS, params=None) -> xr.DataTree:
-    store = analyze(src, tmp_path / "store.zarr", settings, cluster, params or {},
-                    cache_dir=tmp_path / "cache")
+    store = analyze(
+        src, tmp_path / "store.zarr", settings, cluster, params or {}, cache_dir=tmp_path / "cache"
+    )
     return xr.open_datatree(store, engine="zarr").load()
 
 
@@ -55,8 +59,15 @@ def _langevin_specs(spacing):
     """Rotated curvature over two decades (stiffest: lr h <= 0.05 per step, <= 0.5 per
     interval at the high LR), a drifting flat direction moving as far as the noise per window."""
     h_max = min(0.5 / (LRS[1] * spacing), 0.05 / LRS[1])
-    return [LayerSpec(noise_std=s, curvature_min=h_max / 100, weight_scale=0.1,
-                      drift_gradient=s * np.sqrt(N_PARAMS / (WINDOW * spacing))) for s in SIGMAS]
+    return [
+        LayerSpec(
+            noise_std=s,
+            curvature_min=h_max / 100,
+            weight_scale=0.1,
+            drift_gradient=s * np.sqrt(N_PARAMS / (WINDOW * spacing)),
+        )
+        for s in SIGMAS
+    ]
 
 
 def _plateau_windows(truth, steps, p, spacing):
@@ -83,8 +94,10 @@ def _check_langevin(truth, ds, spacing, label):
     resolved = frac > 0.5
     rel = table / truth.temperature - 1
     ratio = (table[:, 1] / table[:, 0]) / (LRS[1] / LRS[0]) - 1
-    print(f"\n[{label}] T rel. error (layer x plateau):\n{np.round(rel, 4)}\nidentifiable fraction:\n"
-          f"{np.round(frac, 2)}\nplateau ratio / LR ratio - 1: {np.round(ratio, 4)}")
+    print(
+        f"\n[{label}] T rel. error (layer x plateau):\n{np.round(rel, 4)}\nidentifiable fraction:\n"
+        f"{np.round(frac, 2)}\nplateau ratio / LR ratio - 1: {np.round(ratio, 4)}"
+    )
     assert np.all(np.abs(rel[resolved]) < TOL), f"{label}: relative errors {rel}"
     for p in range(2):  # exact ranking of the resolved layers
         r = resolved[:, p]
@@ -95,10 +108,17 @@ def _check_langevin(truth, ds, spacing, label):
 
 
 def _langevin(tmp_path, cluster, spacing, dtype):
-    truth = simulate_quadratic_series(tmp_path / "run", _langevin_specs(spacing),
-                                      [(40 * spacing, LRS[0]), (40 * spacing, LRS[1])],
-                                      checkpoint_every=spacing, dtype=dtype, seed=0)
-    return truth, _only_run(_analyze(tmp_path / "run", tmp_path, cluster, params={"temperature_window": WINDOW}))
+    truth = simulate_quadratic_series(
+        tmp_path / "run",
+        _langevin_specs(spacing),
+        [(40 * spacing, LRS[0]), (40 * spacing, LRS[1])],
+        checkpoint_every=spacing,
+        dtype=dtype,
+        seed=0,
+    )
+    return truth, _only_run(
+        _analyze(tmp_path / "run", tmp_path, cluster, params={"temperature_window": WINDOW})
+    )
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
@@ -169,12 +189,23 @@ def test_free_energy_temperature_is_log_mean(tmp_path, cluster):
     spacing and curvature spread and biases dS high (two decades at n = 512: -7% on T_F), so the
     valleys here are kept dominant (n = 1024, one curvature: flat share ~1%)."""
     h = 0.05 / LRS[1]
-    specs = [LayerSpec(noise_std=s, shape=(32, 32), curvature_min=h, curvature_decades=0.0, weight_scale=0.1)
-             for s in (0.02, 0.03)]
+    specs = [
+        LayerSpec(
+            noise_std=s, shape=(32, 32), curvature_min=h, curvature_decades=0.0, weight_scale=0.1
+        )
+        for s in (0.02, 0.03)
+    ]
     spacing = int(4.5 / (LRS[0] * h))
-    temps = [simulate_quadratic_series(tmp_path / "sweep" / f"lr_{lr}", specs, [(48 * spacing, lr)],
-                                       checkpoint_every=spacing, seed=i).temperature[:, 0]
-             for i, lr in enumerate(LRS)]
+    temps = [
+        simulate_quadratic_series(
+            tmp_path / "sweep" / f"lr_{lr}",
+            specs,
+            [(48 * spacing, lr)],
+            checkpoint_every=spacing,
+            seed=i,
+        ).temperature[:, 0]
+        for i, lr in enumerate(LRS)
+    ]
     sweep = _analyze(tmp_path / "sweep", tmp_path, cluster)["sweep"].to_dataset()
     expected = log_mean(*(float(t.mean()) for t in temps))  # equal layer sizes: plain mean
     got = sweep.free_energy_temperature.values
@@ -189,11 +220,21 @@ def test_over_vs_under_parameterized_temperature(tmp_path, cluster):
     with LR (x4 LR -> T more than doubles)."""
     runs = {"under_0.05": (1024, 0.05), "under_0.2": (1024, 0.2), "over_0.05": (64, 0.05)}
     for name, (n, lr) in runs.items():
-        simulate_linear_regression_sgd(tmp_path / "sweep" / name, n_samples=n, n_features=256, learning_rate=lr,
-                                       n_steps=400, checkpoint_every=10, burn_in=int(400 / lr), seed=0)
+        simulate_linear_regression_sgd(
+            tmp_path / "sweep" / name,
+            n_samples=n,
+            n_features=256,
+            learning_rate=lr,
+            n_steps=400,
+            checkpoint_every=10,
+            burn_in=int(400 / lr),
+            seed=0,
+        )
     sweep = _analyze(tmp_path / "sweep", tmp_path, cluster)["sweep"].to_dataset()
     temp = dict(zip(sweep.run.values, sweep.run_temperature.values))
-    print(f"\n[over/under] run_temperature {temp}; over/under = {temp['over_0.05'] / temp['under_0.05']:.4f}")
+    print(
+        f"\n[over/under] run_temperature {temp}; over/under = {temp['over_0.05'] / temp['under_0.05']:.4f}"
+    )
     assert temp["under_0.05"] > 0 and temp["under_0.2"] > 2 * temp["under_0.05"]
     assert abs(temp["over_0.05"]) < 0.05 * temp["under_0.05"]
 
@@ -218,10 +259,15 @@ def _spectral_series(folder, n_steps=4):
     for step in range(n_steps):
         low_rank = rng.standard_normal((48, 3)) @ rng.standard_normal((3, 40))
         zero_cols = np.concatenate([rng.standard_normal((32, 5)), np.zeros((32, 27))], axis=1)
-        tensors = {"a.random": rng.standard_normal((64, 48)), "b.low_rank": low_rank,
-                   "c.zero_cols": zero_cols}
-        save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()},
-                  str(folder / f"step_{step:06d}.safetensors"))
+        tensors = {
+            "a.random": rng.standard_normal((64, 48)),
+            "b.low_rank": low_rank,
+            "c.zero_cols": zero_cols,
+        }
+        save_file(
+            {k: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()},
+            str(folder / f"step_{step:06d}.safetensors"),
+        )
 
 
 def test_spectral_metrics_equal_weightwatcher_formulas(tmp_path, cluster):
@@ -232,8 +278,10 @@ def test_spectral_metrics_equal_weightwatcher_formulas(tmp_path, cluster):
     for step in ds.step.values:
         tensors = load_numpy(str(tmp_path / "run" / f"step_{step:06d}.safetensors"))
         for layer in ds.layer.values:
-            got = (ds.spectral_entropy.sel(step=step, layer=layer).item(),
-                   ds.stable_rank.sel(step=step, layer=layer).item())
+            got = (
+                ds.spectral_entropy.sel(step=step, layer=layer).item(),
+                ds.stable_rank.sel(step=step, layer=layer).item(),
+            )
             want = _ww_metrics(tensors[layer])
             worst = max(worst, *(abs(g / w - 1) for g, w in zip(got, want)))
             np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{layer} at {step}")
@@ -246,16 +294,24 @@ def test_first_law_closes_on_drifting_quadratic(tmp_path, cluster):
     step (heat n dT / 2): summed closure error < 5% of the logged loss change over the run.
     The drift is chosen to dominate the valley noise over a window (the work estimator's
     fluctuation correction is exact only for diffusive directions, see the report)."""
-    specs = [LayerSpec(noise_std=s, curvature_min=0.05 / LRS[1] / 100, drift_gradient=0.3, weight_scale=0.1)
-             for s in (0.01, 0.02, 0.03)]
-    simulate_quadratic_series(tmp_path / "run", specs, [(400, LRS[0]), (1200, LRS[1])], checkpoint_every=10, seed=1)
+    specs = [
+        LayerSpec(
+            noise_std=s, curvature_min=0.05 / LRS[1] / 100, drift_gradient=0.3, weight_scale=0.1
+        )
+        for s in (0.01, 0.02, 0.03)
+    ]
+    simulate_quadratic_series(
+        tmp_path / "run", specs, [(400, LRS[0]), (1200, LRS[1])], checkpoint_every=10, seed=1
+    )
     ds = _only_run(_analyze(tmp_path / "run", tmp_path, cluster))
     closure = ds.closure_error.values
     ok = np.isfinite(closure)
     logged = np.concatenate([[np.nan], np.diff(ds.loss.values)])[ok].sum()
     rel = closure[ok].sum() / abs(logged)
-    print(f"\n[first law] logged dL {logged:.4f} work {ds.work.values[ok].sum():.4f} "
-          f"heat {ds.heat.values[ok].sum():.5f} closure {closure[ok].sum():.4f} (relative {rel:.4f})")
+    print(
+        f"\n[first law] logged dL {logged:.4f} work {ds.work.values[ok].sum():.4f} "
+        f"heat {ds.heat.values[ok].sum():.5f} closure {closure[ok].sum():.4f} (relative {rel:.4f})"
+    )
     assert abs(rel) < 0.05
 
 
@@ -265,8 +321,10 @@ def _write_gaussian_series(folder, scales, energy, n=(64, 64), seed=0):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for step, s in enumerate(scales):
-        tensors = {f"layers.{i}.weight": torch.from_numpy((s * rng.standard_normal(n)).astype(np.float32))
-                   for i in range(2)}
+        tensors = {
+            f"layers.{i}.weight": torch.from_numpy((s * rng.standard_normal(n)).astype(np.float32))
+            for i in range(2)
+        }
         save_file(tensors, str(folder / f"step_{step:06d}.safetensors"))
     with open(folder / "log.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -293,8 +351,14 @@ def test_state_temperature_recovers_dE_dS(tmp_path, cluster):
 def test_efficiencies_on_trained_mlp(tmp_path, cluster):
     """relu layers: work efficiency 0.5 to 1e-12 (quadrature rounding; any scale); identity 0 (to 1e-12); tanh equal
     to the estimator at the layer's pre-activation scale; engine types; Carnot in [0, 1)."""
-    train_digits_run(tmp_path / "run", ConstantLR(0.1), n_steps=40, checkpoint_every=5, hidden=(16, 8),
-                     activations=("relu", "tanh"))
+    train_digits_run(
+        tmp_path / "run",
+        ConstantLR(0.1),
+        n_steps=40,
+        checkpoint_every=5,
+        hidden=(16, 8),
+        activations=("relu", "tanh"),
+    )
     ds = _only_run(_analyze(tmp_path / "run", tmp_path, cluster))
     eff = ds.work_efficiency
     assert np.all(np.abs(eff.sel(layer="layers.0.weight").values - 0.5) < 1e-12)
@@ -304,12 +368,16 @@ def test_efficiencies_on_trained_mlp(tmp_path, cluster):
     want = [work_efficiency("tanh", float(s)) for s in scale]
     np.testing.assert_allclose(tanh.work_efficiency.values, want, rtol=1e-12)
     assert np.all((tanh.work_efficiency.values > 0) & (tanh.work_efficiency.values < 1))
-    assert dict(zip(ds.layer.values, ds.engine_type.values))["layers.1.weight"] == engine_type("tanh")
+    assert dict(zip(ds.layer.values, ds.engine_type.values))["layers.1.weight"] == engine_type(
+        "tanh"
+    )
     assert engine_type("relu") != engine_type("tanh")
     carnot = ds.carnot_efficiency.values
     assert np.all((carnot[np.isfinite(carnot)] >= 0) & (carnot[np.isfinite(carnot)] < 1))
-    print(f"\n[efficiency] relu max |eff - 0.5| {np.abs(eff.sel(layer='layers.0.weight').values - 0.5).max():.1e}, identity max "
-          f"{np.abs(eff.sel(layer='layers.2.weight').values).max():.1e}, tanh {tanh.work_efficiency.values[-1]:.4f}")
+    print(
+        f"\n[efficiency] relu max |eff - 0.5| {np.abs(eff.sel(layer='layers.0.weight').values - 0.5).max():.1e}, identity max "
+        f"{np.abs(eff.sel(layer='layers.2.weight').values).max():.1e}, tanh {tanh.work_efficiency.values[-1]:.4f}"
+    )
 
 
 def test_equilibrium_onset_after_heating(tmp_path, cluster):
@@ -318,17 +386,27 @@ def test_equilibrium_onset_after_heating(tmp_path, cluster):
     exact expected rms (and exp(entropy), same relative trend) on the checkpoint grid, delayed
     until the temperature window has left the LR step; measured onset within 3 checkpoints."""
     h, lr, spacing, t0, rel_tol = 0.005 / LRS[1], LRS[1], 10, 200, 0.1
-    spec = LayerSpec(noise_std=0.02, shape=(32, 64), curvature_min=h, curvature_decades=0.0, weight_scale=0.0)
-    truth = simulate_quadratic_series(tmp_path / "run", [spec], [(t0, 1e-4), (1400, lr)],
-                                      checkpoint_every=spacing, seed=2)
-    ds = _only_run(_analyze(tmp_path / "run", tmp_path, cluster, params={"equilibrium_rel_tol": rel_tol}))
+    spec = LayerSpec(
+        noise_std=0.02, shape=(32, 64), curvature_min=h, curvature_decades=0.0, weight_scale=0.0
+    )
+    truth = simulate_quadratic_series(
+        tmp_path / "run", [spec], [(t0, 1e-4), (1400, lr)], checkpoint_every=spacing, seed=2
+    )
+    ds = _only_run(
+        _analyze(tmp_path / "run", tmp_path, cluster, params={"equilibrium_rel_tol": rel_tol})
+    )
     steps = truth.steps
     a2 = (1 - lr * h) ** 2
-    v1, v2 = 1e-4 * spec.noise_std**2 / (h * (2 - 1e-4 * h)), lr * spec.noise_std**2 / (h * (2 - lr * h))
+    v1, v2 = (
+        1e-4 * spec.noise_std**2 / (h * (2 - 1e-4 * h)),
+        lr * spec.noise_std**2 / (h * (2 - lr * h)),
+    )
     k = np.clip(steps - t0, 0, None)
     rms = np.sqrt(v2 + (v1 - v2) * a2**k)
     temp_known = np.where(steps - WINDOW * spacing >= t0, 1.0, np.nan)  # T window past the step
-    _, expected = equilibrium(np.stack([rms, temp_known], 1), np.ones_like(rms), steps, WINDOW, rel_tol)
+    _, expected = equilibrium(
+        np.stack([rms, temp_known], 1), np.ones_like(rms), steps, WINDOW, rel_tol
+    )
     got = ds.equilibrium_step.values[0]
     print(f"\n[equilibrium] onset measured {got}, expected {expected} (LR step at {t0})")
     assert abs(got - expected) <= 3 * spacing

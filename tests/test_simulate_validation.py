@@ -17,7 +17,7 @@ from pipeline.estimators.displacement import (
     temperature_from_diffusivity,
     window_learning_rate,
 )
-from pipeline.simulate import (
+from pipeline.testing.simulate import (
     LayerSpec,
     reference_band,
     simulate_linear_regression_sgd,
@@ -83,8 +83,10 @@ def _plateau_mask(truth, p):
 def _plateau_table(truth, measured, key="temperature"):
     """(n_layers, n_plateaus) mean of a measured series over each plateau's windows."""
     return np.array(
-        [[np.nanmean(m[key][_plateau_mask(truth, p)]) for p in range(len(truth.plateaus))]
-         for m in measured]
+        [
+            [np.nanmean(m[key][_plateau_mask(truth, p)]) for p in range(len(truth.plateaus))]
+            for m in measured
+        ]
     )
 
 
@@ -107,8 +109,9 @@ def _check_recovery(truth, measured, tol=TOL):
         assert list(np.argsort(temp[:, p])) == list(np.argsort(truth.temperature[:, p]))
     ratio = temp[:, 1] / temp[:, 0]
     assert np.all(np.abs(ratio / (LRS[1] / LRS[0]) - 1) < tol), f"plateau ratios {ratio}"
-    ident = np.mean([m["identifiable"][_plateau_mask(truth, p)].mean()
-                     for m in measured for p in range(2)])
+    ident = np.mean(
+        [m["identifiable"][_plateau_mask(truth, p)].mean() for m in measured for p in range(2)]
+    )
     assert ident > 0.9
     return rel
 
@@ -178,8 +181,14 @@ def test_uneven_spacing(tmp_path):
 
 def _toy_temperature(tmp_path, n_samples, lr, seed=0):
     truth = simulate_linear_regression_sgd(
-        tmp_path, n_samples=n_samples, n_features=256, learning_rate=lr, n_steps=400,
-        checkpoint_every=10, burn_in=int(400 / lr), seed=seed,
+        tmp_path,
+        n_samples=n_samples,
+        n_features=256,
+        learning_rate=lr,
+        n_steps=400,
+        checkpoint_every=10,
+        burn_in=int(400 / lr),
+        seed=seed,
     )
     res = _measure(truth)[0]
     return np.nanmean(res["temperature"])

@@ -78,7 +78,9 @@ def test_low_rank_rank_is_three():
 
 def test_known_answers():
     # orthogonal matrix: all s_i = 1 -> entropy 1, stable rank n
-    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(50, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
     ent, sr = spectral_metrics(singular_values(q), 50, 50)
     assert ent == pytest.approx(1.0, abs=1e-12) and sr == pytest.approx(50.0, rel=1e-12)
     # rank 1: entropy 0, stable rank 1
@@ -87,7 +89,9 @@ def test_known_answers():
     assert ent == pytest.approx(0.0, abs=1e-12) and sr == pytest.approx(1.0, rel=1e-12)
     # diag(2, 1): p = (0.8, 0.2), entropy = H(p)/ln 2, stable rank = 5/4
     ent, sr = spectral_metrics(torch.tensor([2.0, 1.0], dtype=torch.float64), 2, 2)
-    assert ent == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2), rel=1e-12)
+    assert ent == pytest.approx(
+        -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2), rel=1e-12
+    )
     assert sr == pytest.approx(1.25, rel=1e-12)
 
 
@@ -105,7 +109,9 @@ def test_fp32_blocks_and_conv_reshape():
     for block in w4.split(5):  # blocks of rows keep their trailing dims
         gram = gram_update(gram, block)
     assert gram.dtype == torch.float64 and gram.shape == (72, 72)
-    np.testing.assert_allclose(spectral_metrics(singular_values_from_gram(gram), 32, 72), ref, rtol=RTOL)
+    np.testing.assert_allclose(
+        spectral_metrics(singular_values_from_gram(gram), 32, 72), ref, rtol=RTOL
+    )
     np.testing.assert_allclose(spectral_metrics(singular_values(w4), 32, 72), ref, rtol=RTOL)
 
 
@@ -129,8 +135,13 @@ def test_singular_values_via_gram_matches_svd_and_falls_back_when_unresolved():
 
     g = torch.Generator().manual_seed(7)
     wide = torch.randn(30, 90, generator=g)
-    torch.testing.assert_close(singular_values_via_gram(wide), singular_values(wide), rtol=1e-10, atol=1e-12)
-    low = (torch.randn(48, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 40, generator=g, dtype=torch.float64)).float()
+    torch.testing.assert_close(
+        singular_values_via_gram(wide), singular_values(wide), rtol=1e-10, atol=1e-12
+    )
+    low = (
+        torch.randn(48, 3, generator=g, dtype=torch.float64)
+        @ torch.randn(3, 40, generator=g, dtype=torch.float64)
+    ).float()
     s = singular_values_via_gram(low)
     torch.testing.assert_close(s, singular_values(low), rtol=1e-10, atol=1e-12)
     assert int((s > s.max() * 48 * torch.finfo(torch.float64).eps).sum()) == 40

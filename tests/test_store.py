@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.store import VARIABLES, largest_differences, open_tree, write_tree
+from pipeline.store.schema import VARIABLES
+from pipeline.store.zarr_io import open_tree, write_tree
+from pipeline.testing.compare import largest_differences
 
 
 def _tree(value: float) -> xr.DataTree:
-    ds = xr.Dataset({"weight_rms": (("step", "layer"), np.full((3, 2), value))},
-                    coords={"step": [0, 10, 20], "layer": ["a", "b"]})
+    ds = xr.Dataset(
+        {"weight_rms": (("step", "layer"), np.full((3, 2), value))},
+        coords={"step": [0, 10, 20], "layer": ["a", "b"]},
+    )
     ds.weight_rms.attrs.update(units="weight", long_name="rms")
     return xr.DataTree.from_dict({"/": xr.Dataset(attrs={"source": "x"}), "/run": ds})
 
@@ -22,7 +26,9 @@ def _tree(value: float) -> xr.DataTree:
 def test_write_replaces_atomically_and_cleans_dead_writers_leftovers(tmp_path):
     store = tmp_path / "s.zarr"
     write_tree(_tree(1.0), store)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     leftover = tmp_path / f".s.zarr.tmp-{dead.stdout.strip()}-deadbeef"
     leftover.mkdir()
     (leftover / "junk").write_text("half-written")
@@ -49,7 +55,7 @@ def test_every_registered_variable_has_units_and_long_name():
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
-    from pipeline.errors import InputError
+    from pipeline.core.errors import InputError
 
     with pytest.raises(InputError, match="no thermoscope store"):
         open_tree(tmp_path / "nothing.zarr")

@@ -41,10 +41,11 @@ def _stationary(h, lr, sigma, rng):
 
 # ---------------------------------------------------------------- state temperature, log mean
 
+
 def test_state_temperature_vectorised_sign_and_nan():
     rng = np.random.default_rng(0)
-    T = rng.uniform(-2, 2, (5, 3))                     # (steps, layers), some negative
-    ea, sa = rng.normal(size=3), rng.normal(size=3)    # Type I: state a = initialization
+    T = rng.uniform(-2, 2, (5, 3))  # (steps, layers), some negative
+    ea, sa = rng.normal(size=3), rng.normal(size=3)  # Type I: state a = initialization
     ds = rng.uniform(0.1, 1, (5, 3)) * rng.choice([-1, 1], (5, 3))
     ds[2, 1] = 1e-14
     got = state_temperature(ea, ea + T * ds, sa, sa + ds)
@@ -63,6 +64,7 @@ def test_log_mean_values():
 
 # ---------------------------------------------------------------- free-energy temperature
 
+
 def _valley_states(T, n=1000, c=0.3, c2=-7.0):
     """Stationary quadratic valley with n directions at temperature T (exact)."""
     T = np.asarray(T, float)
@@ -70,7 +72,7 @@ def _valley_states(T, n=1000, c=0.3, c2=-7.0):
 
 
 def test_free_energy_temperature_quadratic_exact():
-    T = np.array([1.0, 0.25, 4.0, 0.5, 2.0])           # unsorted on purpose
+    T = np.array([1.0, 0.25, 4.0, 0.5, 2.0])  # unsorted on purpose
     fe = free_energy_temperature(*_valley_states(T))
     Ts = np.sort(T)
     rank = np.argsort(np.argsort(T))
@@ -87,7 +89,7 @@ def test_free_energy_temperature_quadratic_exact():
 
 def test_free_energy_point_above_hull_is_inconsistent():
     U, S = _valley_states([1.0, 2.0, 4.0])
-    U[1] += 300.0                                      # above the chord: no T makes it a minimum of U - T S
+    U[1] += 300.0  # above the chord: no T makes it a minimum of U - T S
     fe = free_energy_temperature(U, S)
     assert fe.lower[1] > fe.upper[1] and np.isnan(fe.estimate[1])
 
@@ -101,13 +103,18 @@ def test_free_energy_temperature_from_samples():
     for T in (1.0, 2.5):
         x = rng.standard_normal((2000, h.size)) * np.sqrt(T / h)
         U.append((0.5 * h * x**2).sum(1).mean())
-        S.append(ensemble_entropy(window_log_var_sum(list(torch.from_numpy(x)), np.arange(len(x))), h.size))
+        S.append(
+            ensemble_entropy(
+                window_log_var_sum(list(torch.from_numpy(x)), np.arange(len(x))), h.size
+            )
+        )
     fe = free_energy_temperature(U, S)
     assert fe.upper[0] == fe.lower[1]
     assert fe.upper[0] == pytest.approx(log_mean(1.0, 2.5), rel=0.03)
 
 
 # ---------------------------------------------------------------- power law
+
 
 def test_power_law_exact():
     lr = np.array([1e-3, 3e-3, 1e-2, 3e-2, 1e-1, -1.0, np.nan])
@@ -131,11 +138,12 @@ def test_power_law_noisy_confidence_interval_coverage():
 
 # ---------------------------------------------------------------- first law
 
+
 def test_first_law_gradient_flow_work_equals_loss_decrease():
     """Pure drift (no noise): heat = 0; per step, work = n v^2 / lr differs from the exact
     GD loss decrease lr g.(1 - lr H / 2) g by at most lr h_max / 2 = 1% (relative)."""
     rng = np.random.default_rng(3)
-    h = np.concatenate([np.zeros(300), rng.uniform(0.1, 2.0, 700)])      # river, valley
+    h = np.concatenate([np.zeros(300), rng.uniform(0.1, 2.0, 700)])  # river, valley
     grad0 = np.where(h == 0, rng.normal(0, 0.1, h.size), 0.0)
     lr, n_steps = 0.01, 200
     x = rng.normal(0, 1, h.size)
@@ -145,10 +153,11 @@ def test_first_law_gradient_flow_work_equals_loss_decrease():
         loss.append((grad0 * x + 0.5 * h * x * x).sum())
         if k < n_steps:
             dx = -lr * (grad0 + h * x)
-            v2[k + 1] = [np.mean(dx[s] ** 2) for s in layers]                # per param, dt = 1
+            v2[k + 1] = [np.mean(dx[s] ** 2) for s in layers]  # per param, dt = 1
             x = x + dx
-    work, heat = first_law_split(v2, np.zeros_like(v2), np.full(n_steps + 1, lr),
-                                 np.ones(n_steps + 1), np.array([300, 700]))
+    work, heat = first_law_split(
+        v2, np.zeros_like(v2), np.full(n_steps + 1, lr), np.ones(n_steps + 1), np.array([300, 700])
+    )
     assert np.all(heat[1:] == 0) and np.all(np.isnan(heat[0]))
     dloss = np.diff(loss)
     assert np.all(np.abs(work[1:].sum(1) + dloss) <= 0.01 * np.abs(dloss))
@@ -168,12 +177,18 @@ def test_first_law_noisy_quadratic_lr_drop():
     grad0, sigma, K = np.where(h == 0, 0.1, 0.0), 1.0, 100
     lr_step = np.r_[np.full(1000, 0.04), np.full(2000, 0.01)]
     x0 = np.where(h == 0, 0.0, _stationary(np.where(h == 0, 1.0, h), 0.04, sigma, rng))
-    loss = _sgd(h, grad0, lr_step, sigma, x0, rng)                     # (3001, 2)
-    lr_ck = np.r_[0.04, lr_step[K - 1::K]]                             # LR of each interval
-    v2 = np.column_stack([(lr_ck * 0.1) ** 2, np.zeros_like(lr_ck)])   # river drift, valley none
+    loss = _sgd(h, grad0, lr_step, sigma, x0, rng)  # (3001, 2)
+    lr_ck = np.r_[0.04, lr_step[K - 1 :: K]]  # LR of each interval
+    v2 = np.column_stack([(lr_ck * 0.1) ** 2, np.zeros_like(lr_ck)])  # river drift, valley none
     D = (lr_ck * sigma)[:, None] ** 2 * np.ones(2)
-    work, heat = first_law_split(v2, D, lr_ck, np.full(lr_ck.size, K), np.array([500, 2000]),
-                                 valley_fraction=np.array([0.0, 1.0]))
+    work, heat = first_law_split(
+        v2,
+        D,
+        lr_ck,
+        np.full(lr_ck.size, K),
+        np.array([500, 2000]),
+        valley_fraction=np.array([0.0, 1.0]),
+    )
     river_drop = loss[0, 0] - loss[-1, 0]
     assert np.all(work[1:, 0] > 0) and work[1:, 0].sum() == pytest.approx(river_drop, rel=0.03)
     valley_change = loss[2500:, 1].mean() - loss[:1, 1].mean()
@@ -185,12 +200,14 @@ def test_first_law_noisy_quadratic_lr_drop():
 
 
 def test_first_law_heating_is_positive():
-    _, heat = first_law_split(np.zeros(3), np.array([1e-4, 1e-4, 4e-4]), np.array([0.01, 0.01, 0.02]),
-                              np.ones(3), 10)
+    _, heat = first_law_split(
+        np.zeros(3), np.array([1e-4, 1e-4, 4e-4]), np.array([0.01, 0.01, 0.02]), np.ones(3), 10
+    )
     assert np.isnan(heat[0]) and heat[1] == 0 and heat[2] == pytest.approx(5 * (0.01 - 0.005))
 
 
 # ---------------------------------------------------------------- heat capacity, relaxation, schedules
+
 
 def test_heat_capacity_quadratic_valley():
     T = np.array([0.3, 0.1, 1.0, 0.5])
@@ -204,7 +221,9 @@ def test_relaxation_rate_after_lr_drop():
     Fitted rate within 5% of 2 lr h (seed-to-seed sd of the fit 1.3%, 12 seeds)."""
     rng = np.random.default_rng(5)
     h = np.ones(20000)
-    loss = _sgd(h, np.zeros_like(h), np.full(1000, 0.01), 1.0, _stationary(h, 0.05, 1.0, rng), rng)[:, 1]
+    loss = _sgd(h, np.zeros_like(h), np.full(1000, 0.01), 1.0, _stationary(h, 0.05, 1.0, rng), rng)[
+        :, 1
+    ]
     steps = np.arange(-100, 1001)
     r, r_err = relaxation_rate(steps, np.r_[np.full(100, loss[0] * 2), loss], 0)
     assert r == pytest.approx(2 * 0.01 * 1.0, rel=0.05) and 0 < r_err < 0.05 * r
@@ -213,9 +232,14 @@ def test_relaxation_rate_after_lr_drop():
 def test_schedule_diagnostics_recovers_relation():
     n = 1000
     t = np.arange(n)
-    runs = [np.full(n, 0.1), np.full(n, 0.03), 0.1 * (1 - t / n) + 1e-3,
-            0.05 * 0.5 * (1 + np.cos(np.pi * t / n)) + 5e-3, np.where(t < 700, 0.08, 0.008),
-            0.2 / (1 + t / 50)]
+    runs = [
+        np.full(n, 0.1),
+        np.full(n, 0.03),
+        0.1 * (1 - t / n) + 1e-3,
+        0.05 * 0.5 * (1 + np.cos(np.pi * t / n)) + 5e-3,
+        np.where(t < 700, 0.08, 0.008),
+        0.2 / (1 + t / 50),
+    ]
     min_lr = np.array([r.min() for r in runs])
     total = np.array([r.sum() for r in runs])
     final = 2.5 + 4.0 * min_lr + 30.0 / total
@@ -233,15 +257,20 @@ def test_optimal_decay_loss_ratio():
     a, lr0, n = 1.0, 0.01, 2000
     t = np.arange(n)
     # Continuous-time optimum lr = 1 / (a t + 2 / lr0): ratio 1 up to O(lr a) discreteness.
-    assert optimal_decay_loss_ratio(np.r_[lr0, 1 / (a * t[1:] + 2 / lr0)], a) == pytest.approx(1.0, abs=0.01)
+    assert optimal_decay_loss_ratio(np.r_[lr0, 1 / (a * t[1:] + 2 / lr0)], a) == pytest.approx(
+        1.0, abs=0.01
+    )
     # Constant LR keeps u = lr0; the optimum reaches lr0 / (1 + a lr0 n / 2): ratio ~ 11.
-    assert optimal_decay_loss_ratio(np.full(n, lr0), a) == pytest.approx(1 + a * lr0 * n / 2, rel=0.02)
+    assert optimal_decay_loss_ratio(np.full(n, lr0), a) == pytest.approx(
+        1 + a * lr0 * n / 2, rel=0.02
+    )
     rng = np.random.default_rng(6)
     for _ in range(20):
         assert optimal_decay_loss_ratio(rng.uniform(1e-4, 0.05, 300), a) >= 1.0
 
 
 # ---------------------------------------------------------------- equilibrium
+
 
 def _relaxing(n=1500, tau=200.0, noise=0.005, seed=7):
     rng = np.random.default_rng(seed)

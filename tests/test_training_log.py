@@ -3,16 +3,18 @@
 import json
 import math
 
+import checkpoint_factory as cf
 import pytest
 
-import checkpoint_factory as cf
-from pipeline.errors import InputError
-from pipeline.manifest import TensorInfo
-from pipeline.training_log import read_activations, read_training_log
+from pipeline.core.errors import InputError
+from pipeline.core.manifest import TensorInfo
+from pipeline.ingest.training_log import read_activations, read_training_log
 
 
 def _nan_equal(a, b):
-    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        (math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b)
+    )
 
 
 def test_trainer_state_of_latest_checkpoint(tmp_path):
@@ -26,8 +28,13 @@ def test_trainer_state_of_latest_checkpoint(tmp_path):
 
 def test_top_level_trainer_state_wins_and_entries_merge(tmp_path):
     cf.write_trainer(tmp_path, [1, 2])
-    hist = [{"step": 1, "learning_rate": 0.5}, {"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 9.0},
-            {"step": 2, "loss": 2.0}, {"step": 2, "train_loss": 7.0, "train_runtime": 1.0}]
+    hist = [
+        {"step": 1, "learning_rate": 0.5},
+        {"step": 1, "loss": 3.0},
+        {"step": 1, "eval_loss": 9.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "train_loss": 7.0, "train_runtime": 1.0},
+    ]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": hist}))
     log = read_training_log(tmp_path)
     assert log.source == str(tmp_path / "trainer_state.json")
@@ -37,7 +44,9 @@ def test_top_level_trainer_state_wins_and_entries_merge(tmp_path):
 
 @pytest.mark.parametrize("lr_col", ["lr", "learning_rate"])
 def test_csv_log(tmp_path, lr_col):
-    (tmp_path / "log.csv").write_text(f"step,loss,{lr_col}\n0,2.5,0.1\n100,1.5,\n100,,0.05\n50,2.0,0.08\n")
+    (tmp_path / "log.csv").write_text(
+        f"step,loss,{lr_col}\n0,2.5,0.1\n100,1.5,\n100,,0.05\n50,2.0,0.08\n"
+    )
     log = read_training_log(tmp_path)
     assert log.step == [0, 50, 100]
     assert log.loss == [2.5, 2.0, 1.5] and log.learning_rate == [0.1, 0.08, 0.05]
@@ -45,7 +54,12 @@ def test_csv_log(tmp_path, lr_col):
 
 
 def test_jsonl_log(tmp_path):
-    lines = ['{"step": 1, "loss": 1.0, "lr": 0.3}', "", '{"step": 2, "loss": 0.5}', '{"note": "no step"}']
+    lines = [
+        '{"step": 1, "loss": 1.0, "lr": 0.3}',
+        "",
+        '{"step": 2, "loss": 0.5}',
+        '{"note": "no step"}',
+    ]
     (tmp_path / "log.jsonl").write_text("\n".join(lines))
     log = read_training_log(tmp_path)
     assert log.step == [1, 2] and log.loss == [1.0, 0.5]
@@ -64,14 +78,17 @@ def test_missing_log_is_empty(tmp_path):
     assert log.step == [] and log.source is None
 
 
-@pytest.mark.parametrize("fname,text,why", [
-    ("trainer_state.json", "{not json", "cannot parse JSON"),
-    ("trainer_state.json", '{"global_step": 3}', "log_history"),
-    ("log.csv", "step,loss\n1,abc\n", "line 2: expected a number"),
-    ("log.csv", "step,loss\n1.5,0.3\n", "not a non-negative integer"),
-    ("log.jsonl", '{"step": 1, "loss": 1}\n{broken\n', "line 2: not valid JSON"),
-    ("log.jsonl", "[1, 2]\n", "line 1: not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "fname,text,why",
+    [
+        ("trainer_state.json", "{not json", "cannot parse JSON"),
+        ("trainer_state.json", '{"global_step": 3}', "log_history"),
+        ("log.csv", "step,loss\n1,abc\n", "line 2: expected a number"),
+        ("log.csv", "step,loss\n1.5,0.3\n", "not a non-negative integer"),
+        ("log.jsonl", '{"step": 1, "loss": 1}\n{broken\n', "line 2: not valid JSON"),
+        ("log.jsonl", "[1, 2]\n", "line 1: not a JSON object"),
+    ],
+)
 def test_unparseable_log_names_the_file(tmp_path, fname, text, why):
     (tmp_path / fname).write_text(text)
     with pytest.raises(InputError) as e:
@@ -79,9 +96,13 @@ def test_unparseable_log_names_the_file(tmp_path, fname, text, why):
     assert str(tmp_path / fname) in str(e.value) and why in str(e.value)
 
 
-TENSORS = [TensorInfo("embed.weight", (10, 4), "F32"), TensorInfo("layers.1.weight", (4, 4), "F32"),
-           TensorInfo("layers.1.bias", (4,), "F32"), TensorInfo("layers.10.weight", (4, 4), "F32"),
-           TensorInfo("norm.weight", (4,), "F32")]
+TENSORS = [
+    TensorInfo("embed.weight", (10, 4), "F32"),
+    TensorInfo("layers.1.weight", (4, 4), "F32"),
+    TensorInfo("layers.1.bias", (4,), "F32"),
+    TensorInfo("layers.10.weight", (4, 4), "F32"),
+    TensorInfo("norm.weight", (4,), "F32"),
+]
 
 
 def _config(tmp_path, cfg):
@@ -91,7 +112,10 @@ def _config(tmp_path, cfg):
 def test_hf_activation_applies_to_matrices(tmp_path):
     _config(tmp_path, {"hidden_act": "gelu_new"})
     assert read_activations(tmp_path, TENSORS) == {
-        "embed.weight": "gelu_new", "layers.1.weight": "gelu_new", "layers.10.weight": "gelu_new"}
+        "embed.weight": "gelu_new",
+        "layers.1.weight": "gelu_new",
+        "layers.10.weight": "gelu_new",
+    }
 
 
 @pytest.mark.parametrize("key", ["activation_function", "hidden_activation"])
@@ -101,11 +125,26 @@ def test_other_hf_keys(tmp_path, key):
 
 
 def test_thermoscope_activations_priority_prefix_and_glob(tmp_path):
-    _config(tmp_path, {"hidden_act": "gelu", "thermoscope_activations": {
-        "layers.1": "tanh", "layers.1.bias": "identity", "norm.*": "none", "embed.weight": "linear"}})
+    _config(
+        tmp_path,
+        {
+            "hidden_act": "gelu",
+            "thermoscope_activations": {
+                "layers.1": "tanh",
+                "layers.1.bias": "identity",
+                "norm.*": "none",
+                "embed.weight": "linear",
+            },
+        },
+    )
     acts = read_activations(tmp_path, TENSORS)
-    assert acts == {"embed.weight": "linear", "layers.1.weight": "tanh", "layers.1.bias": "identity",
-                    "layers.10.weight": "gelu", "norm.weight": "none"}
+    assert acts == {
+        "embed.weight": "linear",
+        "layers.1.weight": "tanh",
+        "layers.1.bias": "identity",
+        "layers.10.weight": "gelu",
+        "norm.weight": "none",
+    }
 
 
 def test_bare_names_use_weight_suffix(tmp_path):

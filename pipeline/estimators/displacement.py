@@ -90,7 +90,9 @@ def band_from_increment_dots(previous_band: np.ndarray, dots: np.ndarray) -> np.
     """
     previous = np.asarray(previous_band, dtype=np.float64)
     dots = np.asarray(dots, dtype=np.float64)
-    cross = dots[0] + 2.0 * np.concatenate([[0.0], np.cumsum(dots[1:])])  # lag k: g0 + 2 sum_{j<k} g_j
+    cross = dots[0] + 2.0 * np.concatenate(
+        [[0.0], np.cumsum(dots[1:])]
+    )  # lag k: g0 + 2 sum_{j<k} g_j
     return np.concatenate([[0.0], previous[:-1]]) + cross
 
 
@@ -226,7 +228,9 @@ def diffusivity_from_band(
     steps = np.asarray(steps, dtype=np.int64)
     d2 = np.asarray(d2, dtype=np.float64)
     if d2.ndim != 2 or d2.shape[0] != steps.size:
-        raise ValueError(f"d2 must be (n_checkpoints, max_lag); got {d2.shape} for {steps.size} steps")
+        raise ValueError(
+            f"d2 must be (n_checkpoints, max_lag); got {d2.shape} for {steps.size} steps"
+        )
     if not 1 <= window <= d2.shape[1]:
         raise ValueError(f"window {window} must be in 1..max_lag={d2.shape[1]}")
     if np.any(np.diff(steps) <= 0):

@@ -9,8 +9,8 @@ All are dimensionless. See METHODS.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ ENGINE_TOLERANCE = 1e-9
 
 
 def engine_type(activation: str) -> str:
-    """"scale-free" when the work efficiency does not depend on the pre-activation scale
+    """ "scale-free" when the work efficiency does not depend on the pre-activation scale
     (positively homogeneous phi(c z) = c phi(z): relu, leaky_relu, identity), else
     "scale-dependent" (saturating/curved activations: tanh, gelu, silu, ...).
 
@@ -194,7 +194,11 @@ def realized_efficiency(work, heat):
     w = np.asarray(work, dtype=np.float64)
     h = np.asarray(heat, dtype=np.float64)
     denom = w + h
-    ok = np.isfinite(w) & np.isfinite(h) & (np.abs(denom) > REALIZED_REL_TOL * (np.abs(w) + np.abs(h)))
+    ok = (
+        np.isfinite(w)
+        & np.isfinite(h)
+        & (np.abs(denom) > REALIZED_REL_TOL * (np.abs(w) + np.abs(h)))
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(ok, w / np.where(ok, denom, 1.0), np.nan)
     return float(out) if out.ndim == 0 else out

@@ -59,11 +59,15 @@ def _window_operator(steps: tuple) -> tuple[np.ndarray, float]:
     basis = np.stack([np.ones(n_t), tau_c], axis=1) if stt > 0 else np.ones((n_t, 1))
     q, _ = np.linalg.qr(basis)
     slope_w = tau_c / stt if stt > 0 else np.zeros(n_t)
-    cumulative = np.tril(np.ones((n_t, n_t - 1)), k=-1)  # value_j - value_0 = sum_{i<j} increment_{i+1}
+    cumulative = np.tril(
+        np.ones((n_t, n_t - 1)), k=-1
+    )  # value_j - value_0 = sum_{i<j} increment_{i+1}
     return np.vstack([np.eye(n_t) - q @ q.T, slope_w]) @ cumulative, stt
 
 
-def _window_chunks(increments: torch.Tensor, rows, steps, ref: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _window_chunks(
+    increments: torch.Tensor, rows, steps, ref: torch.Tensor, chunk: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per chunk of coordinates: (residual variance, frozen mask), fp32 / bool views of buffers
     that are reused for the next chunk (consume each pair before advancing).
 
@@ -103,8 +107,9 @@ def _window_chunks(increments: torch.Tensor, rows, steps, ref: torch.Tensor, chu
         yield var_, frozen_
 
 
-def increment_window_statistics(increments: torch.Tensor, rows, steps, ref: torch.Tensor,
-                                chunk: int = 1 << 15) -> tuple[float, int]:
+def increment_window_statistics(
+    increments: torch.Tensor, rows, steps, ref: torch.Tensor, chunk: int = 1 << 15
+) -> tuple[float, int]:
     """(sum_i ln Var_i over non-frozen coordinates, frozen count) of a window given as
     increments: row ``rows[j-1]`` of the (r, n) fp32 ``increments`` holds value_j -
     value_{j-1} (j = 1..n_t-1), ``ref`` (n,) the first values, ``steps`` the n_t steps. The

@@ -21,7 +21,7 @@ _TIE_SEED = 0
 
 def _spacing_order(n: int) -> int:
     """m for n sorted values: round(n^(1/4)) (consistent: m -> inf and m/n -> 0)."""
-    return max(1, int(round(n ** 0.25)))
+    return max(1, int(round(n**0.25)))
 
 
 def _sorted(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,9 @@ def _spread_ties(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     mid = (uniq[1:] + uniq[:-1]) / 2
     lo = torch.cat([2 * uniq[:1] - mid[:1], mid])
     width = torch.cat([mid, 2 * uniq[-1:] - mid[-1:]]) - lo
-    u = torch.rand(x.numel(), generator=torch.Generator().manual_seed(_TIE_SEED), dtype=torch.float64)
+    u = torch.rand(
+        x.numel(), generator=torch.Generator().manual_seed(_TIE_SEED), dtype=torch.float64
+    )
     jittered = lo[inverse] + u * width[inverse]
     return _sorted(torch.where(counts[inverse] > 1, jittered, x)), max_tie
 

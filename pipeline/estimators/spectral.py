@@ -21,11 +21,15 @@ _EPS64 = torch.finfo(torch.float64).eps
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     """The 2-D view used for spectra: (shape[0], prod(shape[1:])); 1-D and 0-D are rejected."""
     if tensor.dim() < 2:
-        raise ValueError(f"spectral metrics need a tensor with >= 2 dims, got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"spectral metrics need a tensor with >= 2 dims, got shape {tuple(tensor.shape)}"
+        )
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def spectral_metrics(singular_values: torch.Tensor, n_rows: int, n_cols: int) -> tuple[float, float]:
+def spectral_metrics(
+    singular_values: torch.Tensor, n_rows: int, n_cols: int
+) -> tuple[float, float]:
     """(spectral_entropy, stable_rank) of a matrix from its singular values s_i (dimensionless).
 
     WeightWatcher conventions, with eigenvalues lambda_i = s_i^2 of W^T W and N = max(n_rows,

@@ -33,6 +33,7 @@ def _along_steps(x, ndim: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- temperatures (4, 5)
 
+
 def state_temperature(energy_a, energy_b, entropy_a, entropy_b, min_abs_ds: float = 1e-9):
     """Zhang's state temperature T = (E_b - E_a) / (S_b - S_a) between two states.
 
@@ -60,8 +61,8 @@ def log_mean(t1, t2):
 
 class FreeEnergyTemperature(NamedTuple):
     estimate: np.ndarray  # per point, loss/nat; NaN where the bounds are inconsistent
-    lower: np.ndarray     # max chord slope to points of smaller S (NaN if none)
-    upper: np.ndarray     # min chord slope to points of larger S (NaN if none)
+    lower: np.ndarray  # max chord slope to points of smaller S (NaN if none)
+    upper: np.ndarray  # min chord slope to points of larger S (NaN if none)
 
 
 def free_energy_temperature(U, S, min_abs_ds: float = 1e-12) -> FreeEnergyTemperature:
@@ -78,7 +79,7 @@ def free_energy_temperature(U, S, min_abs_ds: float = 1e-12) -> FreeEnergyTemper
     Sources: seed 002 (Sadrtdinov et al. 2025), SCIENCE.md quantity 5.
     """
     U, S = np.asarray(U, dtype=float), np.asarray(S, dtype=float)
-    dS = S[None, :] - S[:, None]                       # [i, j] = S_j - S_i
+    dS = S[None, :] - S[:, None]  # [i, j] = S_j - S_i
     slope = _ratio(U[None, :] - U[:, None], dS, min_abs_ds)
     ok = np.isfinite(slope)
     upper = np.where(ok & (dS > 0), slope, np.inf).min(axis=1)
@@ -107,14 +108,16 @@ def fit_power_law(lr, T):
     k = float(((x - x.mean()) * y).sum() / sxx)
     ln_b = float(y.mean() - k * x.mean())
     resid = y - ln_b - k * x
-    k_err = float(np.sqrt((resid ** 2).sum() / (x.size - 2) / sxx)) if x.size > 2 else np.nan
+    k_err = float(np.sqrt((resid**2).sum() / (x.size - 2) / sxx)) if x.size > 2 else np.nan
     return float(np.exp(ln_b)), k, k_err
 
 
 # ---------------------------------------------------------------- first law (6)
 
-def first_law_split(drift_speed2, diffusivity, learning_rate, dt_steps, n_params,
-                    valley_fraction=1.0):
+
+def first_law_split(
+    drift_speed2, diffusivity, learning_rate, dt_steps, n_params, valley_fraction=1.0
+):
     """Split each interval's loss change per layer into work and heat (loss units).
 
     Arrays have steps on axis 0 (optionally layers on axis 1); row k is the interval
@@ -153,11 +156,14 @@ def closure_error(work_by_layer, heat_by_layer, logged_dloss):
     account for the logged change; divide by |logged dL| for a relative error. NaN where
     any layer is NaN. SCIENCE.md quantity 6.
     """
-    predicted = (np.asarray(heat_by_layer, dtype=float) - np.asarray(work_by_layer, dtype=float)).sum(axis=-1)
+    predicted = (
+        np.asarray(heat_by_layer, dtype=float) - np.asarray(work_by_layer, dtype=float)
+    ).sum(axis=-1)
     return np.asarray(logged_dloss, dtype=float) - predicted
 
 
 # ---------------------------------------------------------------- heat capacity, conduction, schedules (7)
+
 
 def heat_capacity(U, T):
     """Heat capacity C = dU/dT between stationary points sorted by T (finite differences).
@@ -193,7 +199,7 @@ def relaxation_rate(steps, loss, change_step):
     t, y = t[m], y[m]
     if t.size < 4:
         return np.nan, np.nan
-    tail = y[-max(1, t.size // 4):].mean()
+    tail = y[-max(1, t.size // 4) :].mean()
     far = np.abs(y - tail) < np.abs(y[0] - tail) / np.e
     r0 = 1.0 / max(t[np.argmax(far)] if far.any() else t[-1] / 3, t[1])
     try:
@@ -214,11 +220,16 @@ def schedule_diagnostics(lr_by_run, final_loss, steps_by_run=None) -> dict:
     the distance travelled ~ lr_sum (first order in 1/lr_sum), the thermal (valley) loss left
     at the end is proportional to the final temperature ~ lr_min.
     """
+
     def lr_sum(lr, steps):
         return float(np.sum(lr) if steps is None else np.sum(lr[:-1] * np.diff(steps)))
 
     lrs = [np.asarray(x, dtype=float) for x in lr_by_run]
-    steps = [None] * len(lrs) if steps_by_run is None else [np.asarray(s, dtype=float) for s in steps_by_run]
+    steps = (
+        [None] * len(lrs)
+        if steps_by_run is None
+        else [np.asarray(s, dtype=float) for s in steps_by_run]
+    )
     y = np.asarray(final_loss, dtype=float)
     min_lr = np.array([np.nanmin(x) for x in lrs])
     total = np.array([lr_sum(x, s) for x, s in zip(lrs, steps)])
@@ -227,13 +238,19 @@ def schedule_diagnostics(lr_by_run, final_loss, steps_by_run=None) -> dict:
     if len(y) >= 3 and np.isfinite(X).all() and np.isfinite(y).all():
         coef, _, rank, _ = np.linalg.lstsq(X, y, rcond=None)
     predicted = X @ coef
-    return {"min_lr": min_lr, "lr_sum": total, "coef": coef, "predicted": predicted,
-            "residual": y - predicted, "rank": int(rank)}
+    return {
+        "min_lr": min_lr,
+        "lr_sum": total,
+        "coef": coef,
+        "predicted": predicted,
+        "residual": y - predicted,
+        "rank": int(rank),
+    }
 
 
 def _thermal_step(u, lr, curvature):
     """One SGD step of a valley's thermal loss in LR units: u' = (1 - lr a)^2 u + 2 a lr^2."""
-    return (1.0 - lr * curvature) ** 2 * u + 2.0 * curvature * lr ** 2
+    return (1.0 - lr * curvature) ** 2 * u + 2.0 * curvature * lr**2
 
 
 def optimal_decay_loss_ratio(lr_schedule, curvature: float) -> float:
@@ -258,12 +275,13 @@ def optimal_decay_loss_ratio(lr_schedule, curvature: float) -> float:
 
 # ---------------------------------------------------------------- equilibrium (9)
 
+
 def _relative_trend(y: np.ndarray, t: np.ndarray) -> np.ndarray:
     """|least-squares slope * time span| / |mean| per trailing window.
 
     y: (n_windows, n_quantities, w), t: (n_windows, w) -> (n_windows, n_quantities)."""
     tc = t - t.mean(axis=-1, keepdims=True)
-    slope = _ratio((tc[:, None, :] * y).sum(-1), (tc ** 2).sum(-1)[:, None])
+    slope = _ratio((tc[:, None, :] * y).sum(-1), (tc**2).sum(-1)[:, None])
     return _ratio(np.abs(slope * (t[:, -1] - t[:, 0])[:, None]), np.abs(y.mean(-1)))
 
 
@@ -288,11 +306,11 @@ def equilibrium(macro, msd, steps, window: int, rel_tol: float, min_msd: float =
     eq = np.zeros(len(steps), dtype=bool)
     if len(steps) < window or window < 3 or macro.shape[1] == 0:
         return eq, np.nan
-    y = sliding_window_view(macro, window, axis=0)     # (n_windows, q, w)
+    y = sliding_window_view(macro, window, axis=0)  # (n_windows, q, w)
     trend = _relative_trend(y, sliding_window_view(steps, window))
     m = sliding_window_view(msd, window)
     moving = (np.where(np.isfinite(m), m, np.inf) > min_msd).all(-1) & np.isfinite(m).any(-1)
-    eq[window - 1:] = (trend < rel_tol).all(-1) & moving
+    eq[window - 1 :] = (trend < rel_tol).all(-1) & moving
     if not eq[-1]:
         return eq, np.nan
     not_eq = np.flatnonzero(~eq)

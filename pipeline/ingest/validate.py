@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.discovery import Problem, scan
+from pipeline.ingest.discovery import Problem, scan
 
 
 def _row(path: str, verdict: str, reason: str) -> dict:
@@ -22,12 +22,24 @@ def _folder_rows(s, problems: list[Problem]) -> list[dict]:
     for d in s.run_dirs:
         mine = [p for p in problems if p.path == d or p.path.startswith(d + os.sep)]
         if mine:
-            rows += [_row(d, "error", f"{os.path.relpath(p.path, d)}: {p.text()}" if p.path != d else p.text())
-                     for p in mine]
+            rows += [
+                _row(
+                    d,
+                    "error",
+                    f"{os.path.relpath(p.path, d)}: {p.text()}" if p.path != d else p.text(),
+                )
+                for p in mine
+            ]
         elif d in runs:
             r = runs[d]
-            rows.append(_row(d, "ok", f"run '{r.name}': {len(r.checkpoints)} checkpoints "
-                                      f"(steps {r.steps[0]}..{r.steps[-1]}), {len(r.tensors)} tensors"))
+            rows.append(
+                _row(
+                    d,
+                    "ok",
+                    f"run '{r.name}': {len(r.checkpoints)} checkpoints "
+                    f"(steps {r.steps[0]}..{r.steps[-1]}), {len(r.tensors)} tensors",
+                )
+            )
     return rows
 
 
@@ -67,4 +79,3 @@ def format_table(rows: list[dict]) -> str:
     n_err = sum(r["verdict"] == "error" for r in rows)
     lines.append(f"{len(rows)} checked, {n_err} error(s) (paths relative to {base})")
     return "\n".join(lines)
-

@@ -20,9 +20,9 @@ streaming reader).
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -228,8 +228,9 @@ def _run_segments(state, lr, current: int, target: int, rng) -> int:
         while end < target and lr[end + 1] == seg_lr:
             end += 1
         for st in state:
-            st["y"] = _advance(st["y"], st["h"], st["grad"], st["spec"].noise_std, seg_lr,
-                               end - current, rng)
+            st["y"] = _advance(
+                st["y"], st["h"], st["grad"], st["spec"].noise_std, seg_lr, end - current, rng
+            )
         current = end
     return current
 

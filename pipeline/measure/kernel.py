@@ -19,28 +19,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .estimators.displacement import band_from_increment_dots, rounding_noise_var, sq_distance_band
-from .estimators.ensemble import increment_window_statistics, window_statistics
-from .estimators.entropy import differential_entropy, entropy_subsample_indices, gaussian_entropy
-from .manifest import TensorInfo
-from .safetensors_io import read_rows
-
+from pipeline.core.manifest import TensorInfo
+from pipeline.estimators.displacement import (
+    band_from_increment_dots,
+    rounding_noise_var,
+    sq_distance_band,
+)
+from pipeline.estimators.ensemble import increment_window_statistics, window_statistics
+from pipeline.estimators.entropy import (
+    differential_entropy,
+    entropy_subsample_indices,
+    gaussian_entropy,
+)
+from pipeline.ingest.safetensors_io import read_rows
+from pipeline.settings import MeasureSettings
 
 # storage dtypes whose rounding noise matters for displacements (exact round trip from fp32)
 STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-@dataclass(frozen=True)
-class MeasureSettings:
-    """Knobs of the measure stage (all from params.yaml ``measure``)."""
-
-    max_lag: int = 8  # checkpoints back for the squared-distance band
-    entropy_sample: int = 2**16  # coordinates per layer for the entropy (same at every step; ~3e-3 nats)
-    block_elems: int = 2**22  # elements per row block: one Dask task, the unit of parallelism
-    ensemble_window: int = 8  # checkpoints per ensemble-entropy window
-    spectral: bool = False  # SVD metrics of 2-D+ weights (a 2-D layer is then one block, read once more per checkpoint)
-    slice_elems: int = 2**17  # elements per cache slice (CPU); task memory ~ slice x 4 B x (max_lag + max(max_lag, ensemble_window) + 1)
-    device: str = "auto"  # "auto": cuda where the worker sees a GPU
 
 
 @dataclass(frozen=True)
@@ -55,7 +50,7 @@ class BlockTask:
     steps: tuple[int, ...]
     resume_from: int = 0  # checkpoints before this index are already measured (cached)
 
-    def read_from(self, settings: "MeasureSettings") -> int:
+    def read_from(self, settings: MeasureSettings) -> int:
         """First checkpoint to read: enough history for the band and the open ensemble window."""
         window_start = (self.resume_from // settings.ensemble_window) * settings.ensemble_window
         return max(0, min(self.resume_from - settings.max_lag, window_start))
@@ -92,15 +87,21 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     once more per checkpoint into one buffer (the only second read; memory one fp32 copy plus
     the float64 Gram work, instead of a lag buffer of whole matrices).
     """
-    on_cpu = resolve_device(settings.device) == "cpu"  # on a GPU, per-slice launches cost more than cache saves
+    on_cpu = (
+        resolve_device(settings.device) == "cpu"
+    )  # on a GPU, per-slice launches cost more than cache saves
     per_slice = cpu_slice_rows(task, settings) if on_cpu else task.stop - task.start
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
     pick = _block_sample(task, settings)
-    parts = [_measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
-             for a in range(task.start, task.stop, per_slice)]
+    parts = [
+        _measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
+        for a in range(task.start, task.stop, per_slice)
+    ]
     out = merge_partials(parts)
     if settings.spectral and len(task.tensor.shape) >= 2:
-        out["spectral"] = _spectral_series(task, out["nonfinite"] == 0, resolve_device(settings.device))
+        out["spectral"] = _spectral_series(
+            task, out["nonfinite"] == 0, resolve_device(settings.device)
+        )
     out["dtype"] = task.tensor.dtype
     return out
 
@@ -132,7 +133,15 @@ def _spectral_series(task: BlockTask, finite: np.ndarray, device: str) -> np.nda
     return out
 
 
-ADDITIVE = ("count", "sum", "sumsq", "nonfinite", "sq_distance", "ensemble_log_var", "ensemble_frozen")
+ADDITIVE = (
+    "count",
+    "sum",
+    "sumsq",
+    "nonfinite",
+    "sq_distance",
+    "ensemble_log_var",
+    "ensemble_frozen",
+)
 
 
 def merge_partials(parts: list[dict]) -> dict:
@@ -153,9 +162,15 @@ class _Workspace:
         self.device = resolve_device(settings.device)
         n_values = max(settings.max_lag, settings.ensemble_window) + 1
         self.values = torch.empty((n_values, capacity), dtype=torch.float32, device=self.device)
-        self.ring = torch.empty((settings.max_lag, capacity), dtype=torch.float32, device=self.device)
-        on_gpu = self.device != "cpu"  # page-locked staging: host-to-device copies at full bus speed
-        self.staging = torch.empty(capacity, dtype=torch.float32, pin_memory=True) if on_gpu else None
+        self.ring = torch.empty(
+            (settings.max_lag, capacity), dtype=torch.float32, device=self.device
+        )
+        on_gpu = (
+            self.device != "cpu"
+        )  # page-locked staging: host-to-device copies at full bus speed
+        self.staging = (
+            torch.empty(capacity, dtype=torch.float32, pin_memory=True) if on_gpu else None
+        )
 
     def read(self, task: BlockTask, i: int, start: int, stop: int, slot: int) -> torch.Tensor:
         """Rows [start, stop) of checkpoint ``i`` as fp32 in row ``slot`` of ``values`` (flat)."""
@@ -163,11 +178,21 @@ class _Workspace:
         target = self.values[slot, :n]
         if self.staging is None:
             return read_rows(task.files[i], task.tensor.name, start, stop, out=target).reshape(-1)
-        return target.copy_(read_rows(task.files[i], task.tensor.name, start, stop, out=self.staging[:n]).reshape(-1))
+        return target.copy_(
+            read_rows(task.files[i], task.tensor.name, start, stop, out=self.staging[:n]).reshape(
+                -1
+            )
+        )
 
 
-def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSettings, space: _Workspace,
-                   block_pick: torch.Tensor) -> dict:
+def _measure_slice(
+    task: BlockTask,
+    start: int,
+    stop: int,
+    settings: MeasureSettings,
+    space: _Workspace,
+    block_pick: torch.Tensor,
+) -> dict:
     """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice);
     ``block_pick``: the block's entropy subsample (``_block_sample``), of which the slice keeps its own.
 
@@ -181,15 +206,21 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     n_out = len(task.files) - first
     n_slice = (stop - start) * task.tensor.row_elems
     offset = (start - task.start) * task.tensor.row_elems
-    lo, hi = torch.searchsorted(block_pick, torch.tensor([offset, offset + n_slice])).tolist()  # sorted indices
+    lo, hi = torch.searchsorted(
+        block_pick, torch.tensor([offset, offset + n_slice])
+    ).tolist()  # sorted indices
     pick = (block_pick[lo:hi] - offset).to(device)
     out = {
-        "count": np.zeros(n_out), "sum": np.zeros(n_out), "sumsq": np.zeros(n_out),
+        "count": np.zeros(n_out),
+        "sum": np.zeros(n_out),
+        "sumsq": np.zeros(n_out),
         "nonfinite": np.zeros(n_out, dtype=np.int64),
         "sq_distance": np.full((n_out, settings.max_lag), np.nan),
         "sample": np.zeros((n_out, len(pick)), dtype=np.float32),
     }
-    held: deque[tuple[torch.Tensor, bool]] = deque(maxlen=max(settings.max_lag, w))  # (slice, finite)
+    held: deque[tuple[torch.Tensor, bool]] = deque(
+        maxlen=max(settings.max_lag, w)
+    )  # (slice, finite)
     band = _BandTracker(space.ring[:, :n_slice])
     windows = []
     for i in range(read_from, len(task.files)):
@@ -211,7 +242,7 @@ def _measure_slice(task: BlockTask, start: int, stop: int, settings: MeasureSett
     return out
 
 
-def _close_window(held: deque, band: "_BandTracker", steps) -> tuple[float, int]:
+def _close_window(held: deque, band: _BandTracker, steps) -> tuple[float, int]:
     """Ensemble statistics of the window of the last len(steps) held slices: from the
     increments ring when it holds the window's increments and all of it is finite, else from
     the values (non-finite ones set to 0: those coordinates then count as frozen or fluctuate
@@ -222,7 +253,10 @@ def _close_window(held: deque, band: "_BandTracker", steps) -> tuple[float, int]
         rows = [(band.count - 1 - (w - 1 - j)) % band.max_lag for j in range(1, w)]
         written = band.ring[: min(band.count, band.max_lag)]  # rows of this slice's increments
         return increment_window_statistics(written, rows, steps, ref, chunk=ref.numel())
-    window = [b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0) for b, ok in list(held)[-w:]]
+    window = [
+        b if ok else torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+        for b, ok in list(held)[-w:]
+    ]
     return window_statistics(window, steps)
 
 
@@ -245,7 +279,9 @@ class _BandTracker:
         self.band = np.full(self.max_lag, np.nan)  # band of the previous checkpoint
         self.finite = False  # the last advance saw only finite values (ring rows finite)
 
-    def advance(self, current: torch.Tensor, held: deque, finite: bool, need_band: bool = True) -> np.ndarray | None:
+    def advance(
+        self, current: torch.Tensor, held: deque, finite: bool, need_band: bool = True
+    ) -> np.ndarray | None:
         """Band of ``current`` (lags 1..max_lag; NaN beyond the history in ``held``); None
         when not ``need_band``."""
         if not held:
@@ -298,7 +334,10 @@ def _sums_finite(flat: torch.Tensor) -> bool:
 
 def _spectral(block: torch.Tensor) -> tuple[float, float]:
     """(spectral entropy, stable rank) of a whole 2-D+ weight (flattened to rows x rest)."""
-    from .estimators.spectral import singular_values_via_gram, spectral_metrics  # optional path
+    from pipeline.estimators.spectral import (
+        singular_values_via_gram,
+        spectral_metrics,
+    )  # optional path
 
     matrix = block.reshape(block.shape[0], -1)
     return spectral_metrics(singular_values_via_gram(matrix), *matrix.shape)

@@ -15,8 +15,12 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+from typing import TYPE_CHECKING
 
-PRELOAD = ["numpy", "torch", "distributed", "pipeline.measure"]
+if TYPE_CHECKING:
+    from pipeline.settings import ClusterSettings
+
+PRELOAD = ["numpy", "torch", "distributed", "pipeline.measure.kernel"]
 
 # glibc malloc in the worker processes: Dask's default MALLOC_TRIM_THRESHOLD_ (64 KiB) returns
 # freed memory at once and, being set, turns off glibc's adaptive mmap threshold, so every
@@ -29,8 +33,13 @@ WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD
 # and Dask's fixed hash seed (consistent hashing across workers), as Dask sets for spawned ones.
 # ``parallel`` also passes them as Dask's pre-spawn environment, so a worker's os.environ
 # reports the values it runs with.
-WORKER_ENV = {**WORKER_MALLOC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "OPENBLAS_NUM_THREADS": "1", "PYTHONHASHSEED": "6640"}
+WORKER_ENV = {
+    **WORKER_MALLOC,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "PYTHONHASHSEED": "6640",
+}
 
 _started = False
 
@@ -43,7 +52,9 @@ def start() -> None:
         return
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(WORKER_ENV)  # the server (and so every worker) starts with these; this process keeps its own
+    os.environ.update(
+        WORKER_ENV
+    )  # the server (and so every worker) starts with these; this process keeps its own
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -55,13 +66,9 @@ def start() -> None:
     _started = True
 
 
-def start_early(dask_params: dict, processes: bool | None = None, scheduler_address: str | None = None) -> None:
-    """``start`` unless this run will not fork local workers: thread workers (``processes``
-    False, or None and ``dask.processes: false``) or a scheduler to join (``scheduler_address``,
-    ``dask.scheduler_address`` or ``DASK_SCHEDULER_ADDRESS``). ``dask_params``: the raw
-    params.yaml ``dask`` section, so deciding needs neither torch nor Dask imported."""
-    if processes is None:
-        processes = dask_params.get("processes", True) is not False
-    address = scheduler_address or dask_params.get("scheduler_address") or os.environ.get("DASK_SCHEDULER_ADDRESS")
-    if processes and not address:
+def start_early(cluster: ClusterSettings) -> None:
+    """``start`` when this run will fork local worker processes (not for thread workers, nor
+    when joining a scheduler): ``ClusterSettings.forks_local_workers``. Light: the settings
+    need neither torch nor Dask imported."""
+    if cluster.forks_local_workers:
         start()

@@ -85,7 +85,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
         runs = []
         for r in raw["runs"]:
@@ -94,7 +94,9 @@ class Manifest:
                     name=r["name"],
                     path=r["path"],
                     checkpoints=[Checkpoint(**c) for c in r["checkpoints"]],
-                    tensors=[TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in r["tensors"]],
+                    tensors=[
+                        TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in r["tensors"]
+                    ],
                     log=TrainingLog(**r["log"]),
                     activations=r["activations"],
                 )

@@ -17,20 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Run, TensorInfo
-from .measure import MeasureSettings
+from pipeline.core.code import source_digest
+from pipeline.core.manifest import Run, TensorInfo
+from pipeline.settings import MeasureSettings
 
-# the code that produces a layer result: a change to any of them invalidates the cache
-MEASURING_CODE = ("measure.py", "safetensors_io.py", "estimators/entropy.py",
-                  "estimators/displacement.py", "estimators/ensemble.py", "estimators/spectral.py")
-
-
-def _code_digest() -> str:
-    package = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in MEASURING_CODE:
-        digest.update((package / name).read_bytes())
-    return digest.hexdigest()
+# the code that produces a layer result: a change to any file it imports invalidates the cache
+MEASURING_MODULE = "pipeline.measure.kernel"
 
 
 class LayerCache:
@@ -38,12 +30,14 @@ class LayerCache:
 
     def __init__(self, root, settings: MeasureSettings):
         relevant = {k: v for k, v in asdict(settings).items() if k != "device"}
-        relevant["code"] = _code_digest()
+        relevant["code"] = source_digest([MEASURING_MODULE])
         digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
         self.root = Path(root) / digest
 
     def _path(self, run: Run, tensor: TensorInfo) -> Path:
-        key = hashlib.sha256(f"{tensor.name}|{tensor.shape}|{tensor.dtype}".encode()).hexdigest()[:12]
+        key = hashlib.sha256(f"{tensor.name}|{tensor.shape}|{tensor.dtype}".encode()).hexdigest()[
+            :12
+        ]
         return self.root / run.name.replace("/", "_") / f"{key}.npz"
 
     def load(self, run: Run, tensor: TensorInfo) -> tuple[dict | None, int]:

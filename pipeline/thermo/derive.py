@@ -11,39 +11,32 @@ import numpy as np
 import xarray as xr
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .estimators.displacement import diffusivity_from_band, temperature_from_diffusivity, window_learning_rate
-from .estimators.efficiency import (carnot_efficiency, engine_type, preactivation_scale,
-                                    realized_efficiency, work_efficiency)
-from .estimators.ensemble import ensemble_entropy
-from .estimators.thermodynamics import (closure_error, equilibrium, first_law_split, fit_power_law,
-                                        free_energy_temperature, heat_capacity, relaxation_rate,
-                                        schedule_diagnostics, state_temperature)
-from .store import annotate, register
-
-register("diffusivity", "weight^2/param/step", "noise diffusivity D (MSD-vs-lag, drift removed)", "displacement.diffusivity_from_band")
-register("diffusivity_err", "weight^2/param/step", "1-sigma uncertainty of the diffusivity", "displacement.diffusivity_from_band")
-register("temperature_identifiable", "1", "checkpoint spacing resolves the diffusion (1) or not (0)", "displacement.diffusivity_from_band")
-register("drift_speed2", "weight^2/param/step^2", "squared drift (river) speed per parameter", "displacement.diffusivity_from_band")
-register("window_learning_rate", "weight^2/loss", "mean learning rate over the temperature window", "displacement.window_learning_rate")
-register("rounding_resolution", "1", "displacement variance between checkpoints over the storage dtype's ulp^2 (window mean; < 0.25: unresolved)", "thermo.rounding_resolution")
-register("temperature", "loss", "local temperature T = D / (2 lr)", "displacement.temperature_from_diffusivity")
-register("temperature_err", "loss", "1-sigma uncertainty of the local temperature", "displacement.temperature_from_diffusivity")
-register("global_temperature", "loss", "n_params-weighted mean of layer temperatures", "thermo.add_global_temperature")
-register("temperature_spread", "1", "n_params-weighted coefficient of variation of T across layers (0 at equipartition)", "thermo.add_global_temperature")
-register("ensemble_entropy", "nats", "trajectory ensemble entropy of the window (diagonal Gaussian, extensive)", "ensemble.ensemble_entropy")
-register("total_entropy", "nats", "sum over layers of n_params x weight entropy (extensive)", "entropy.differential_entropy")
-register("state_temperature", "loss", "Type I state temperature dE/dS from initialization to this step (global)", "thermodynamics.state_temperature")
-register("layer_state_temperature", "loss", "Type I state temperature of the layer: its share of dE over its dS", "thermodynamics.state_temperature")
-register("shift_state_temperature", "loss", "Type II state temperature across the marked data shift", "thermodynamics.state_temperature")
-register("work", "loss", "work: loss removed by the drift (river) over the interval to this step", "thermodynamics.first_law_split")
-register("heat", "loss", "net heat absorbed by valley directions over the interval to this step", "thermodynamics.first_law_split")
-register("closure_error", "loss", "logged loss change minus sum over layers of (heat - work)", "thermodynamics.closure_error")
-register("work_efficiency", "1", "activation work efficiency 1 - E[phi(z)^2]/E[z^2] at the layer's pre-activation scale", "efficiency.work_efficiency")
-register("carnot_efficiency", "1", "Carnot bound 1 - T_cold/T_hot between the layer and the next one", "efficiency.carnot_efficiency")
-register("realized_efficiency", "1", "realized efficiency over the run: total work / (total work + total |heat|); NaN where total work <= 0 (drift unresolved)", "efficiency.realized_efficiency")
-register("engine_type", "1", "scale-free (homogeneous activation) or scale-dependent engine", "efficiency.engine_type")
-register("equilibrated", "1", "macroscopic state stationary while parameters move (1) or not (0)", "thermodynamics.equilibrium")
-register("equilibrium_step", "step", "onset of the final equilibrated stretch (NaN: not equilibrated)", "thermodynamics.equilibrium")
+from pipeline.estimators.displacement import (
+    diffusivity_from_band,
+    temperature_from_diffusivity,
+    window_learning_rate,
+)
+from pipeline.estimators.efficiency import (
+    carnot_efficiency,
+    engine_type,
+    preactivation_scale,
+    realized_efficiency,
+    work_efficiency,
+)
+from pipeline.estimators.ensemble import ensemble_entropy
+from pipeline.estimators.thermodynamics import (
+    closure_error,
+    equilibrium,
+    first_law_split,
+    fit_power_law,
+    free_energy_temperature,
+    heat_capacity,
+    relaxation_rate,
+    schedule_diagnostics,
+    state_temperature,
+)
+from pipeline.settings import ThermoSettings, thermo_settings
+from pipeline.store.zarr_io import annotate
 
 
 def _per_layer(ds: xr.Dataset, fn) -> dict[str, np.ndarray]:
@@ -68,10 +61,12 @@ def rounding_resolution(msd: np.ndarray, noise_var: np.ndarray, window: int) -> 
     """
     out = np.full(msd.shape, np.nan)
     if msd.shape[0] >= window:
-        out[window - 1:] = sliding_window_view(msd, window, axis=0).mean(axis=-1)
+        out[window - 1 :] = sliding_window_view(msd, window, axis=0).mean(axis=-1)
     q2 = np.asarray(noise_var, dtype=np.float64)[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(q2 > 0, (out - 2 * q2) / (12 * q2), np.where(np.isfinite(out), np.inf, np.nan))
+        return np.where(
+            q2 > 0, (out - 2 * q2) / (12 * q2), np.where(np.isfinite(out), np.inf, np.nan)
+        )
 
 
 def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
@@ -81,18 +76,28 @@ def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
     band = ds.sq_distance.values
     n_params = ds.n_params.values
     noise = ds.rounding_noise_var.mean("step").values  # weight^2, white noise of the storage dtype
-    est = _per_layer(ds, lambda j: diffusivity_from_band(steps, band[:, j, :], int(n_params[j]), window,
-                                                         white_noise_var=float(noise[j])))
+    est = _per_layer(
+        ds,
+        lambda j: diffusivity_from_band(
+            steps, band[:, j, :], int(n_params[j]), window, white_noise_var=float(noise[j])
+        ),
+    )
     lr = window_learning_rate(steps, ds.log_step.values, ds.log_learning_rate.values, window)
-    temp, temp_err = temperature_from_diffusivity(est["diffusivity"], est["diffusivity_err"], lr[:, None])
+    temp, temp_err = temperature_from_diffusivity(
+        est["diffusivity"], est["diffusivity_err"], lr[:, None]
+    )
     resolution = rounding_resolution(ds.msd.values, noise, window)
     ident = est["identifiable"] & (resolution >= MIN_ROUNDING_RESOLUTION)
     dims = ("step", "layer")
     return ds.assign(
-        diffusivity=(dims, est["diffusivity"]), diffusivity_err=(dims, est["diffusivity_err"]),
-        temperature_identifiable=(dims, ident.astype(np.int8)), rounding_resolution=(dims, resolution),
-        drift_speed2=(dims, est["drift_speed2"]), window_learning_rate=("step", lr),
-        temperature=(dims, temp), temperature_err=(dims, temp_err),
+        diffusivity=(dims, est["diffusivity"]),
+        diffusivity_err=(dims, est["diffusivity_err"]),
+        temperature_identifiable=(dims, ident.astype(np.int8)),
+        rounding_resolution=(dims, resolution),
+        drift_speed2=(dims, est["drift_speed2"]),
+        window_learning_rate=("step", lr),
+        temperature=(dims, temp),
+        temperature_err=(dims, temp_err),
     )
 
 
@@ -117,7 +122,9 @@ def add_global_temperature(ds: xr.Dataset) -> xr.Dataset:
 
 def add_ensemble_entropy(ds: xr.Dataset) -> xr.Dataset:
     """Extensive trajectory-ensemble entropy per (window, layer) from the measured log-variances."""
-    fluctuating = ds.n_params.values[None, :] - ds.ensemble_frozen.values  # frozen ones carry no entropy term
+    fluctuating = (
+        ds.n_params.values[None, :] - ds.ensemble_frozen.values
+    )  # frozen ones carry no entropy term
     ent = ensemble_entropy(ds.ensemble_log_var.values, fluctuating)
     return ds.assign(ensemble_entropy=(("window", "layer"), np.asarray(ent, dtype=np.float64)))
 
@@ -136,8 +143,11 @@ def add_state_temperature(ds: xr.Dataset, data_shift_step) -> xr.Dataset:
     glob = state_temperature(energy[0], energy, total_s[0], total_s)
     layer_de = np.nancumsum(np.nan_to_num(ds.heat.values) - np.nan_to_num(ds.work.values), axis=0)
     local = state_temperature(0.0, layer_de, layer_s[0], layer_s)
-    out = ds.assign(total_entropy=("step", total_s), state_temperature=("step", glob),
-                    layer_state_temperature=(("step", "layer"), local))
+    out = ds.assign(
+        total_entropy=("step", total_s),
+        state_temperature=("step", glob),
+        layer_state_temperature=(("step", "layer"), local),
+    )
     if data_shift_step is not None:
         before = int(np.searchsorted(ds.step.values, data_shift_step, side="right")) - 1
         if 0 <= before < ds.sizes["step"] - 1:
@@ -151,10 +161,15 @@ def add_first_law(ds: xr.Dataset) -> xr.Dataset:
     steps = ds.step.values
     lr = ds.window_learning_rate.values  # D and v^2 are window quantities: the window's mean LR
     dt = np.concatenate([[np.nan], np.diff(steps).astype(np.float64)])
-    work, heat = first_law_split(ds.drift_speed2.values, ds.diffusivity.values, lr, dt, ds.n_params.values)
+    work, heat = first_law_split(
+        ds.drift_speed2.values, ds.diffusivity.values, lr, dt, ds.n_params.values
+    )
     dloss = np.concatenate([[np.nan], np.diff(_checkpoint_energy(ds))])
-    return ds.assign(work=(("step", "layer"), work), heat=(("step", "layer"), heat),
-                     closure_error=("step", closure_error(work, heat, dloss)))
+    return ds.assign(
+        work=(("step", "layer"), work),
+        heat=(("step", "layer"), heat),
+        closure_error=("step", closure_error(work, heat, dloss)),
+    )
 
 
 def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
@@ -164,18 +179,24 @@ def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
     work_eff = np.full(scale.shape, np.nan)
     for j, act in enumerate(acts):
         if act != "unknown" and not bool(ds.is_vector.values[j]):
-            work_eff[:, j] = [work_efficiency(act, float(s)) if np.isfinite(s) else np.nan for s in scale[:, j]]
+            work_eff[:, j] = [
+                work_efficiency(act, float(s)) if np.isfinite(s) else np.nan for s in scale[:, j]
+            ]
     temp = ds.temperature.values
     neighbour = np.concatenate([temp[:, 1:], np.full((temp.shape[0], 1), np.nan)], axis=1)
     carnot = carnot_efficiency(np.fmin(temp, neighbour), np.fmax(temp, neighbour))
     # over the run: a single interval's drift estimate can be negative (noise-dominated)
     total_work = np.nansum(ds.work.values, axis=0)
-    realized = realized_efficiency(np.where(total_work > 0, total_work, np.nan),
-                                   np.nansum(np.abs(ds.heat.values), axis=0))
+    realized = realized_efficiency(
+        np.where(total_work > 0, total_work, np.nan), np.nansum(np.abs(ds.heat.values), axis=0)
+    )
     types = [engine_type(a) if a != "unknown" else "unknown" for a in acts]
-    return ds.assign(work_efficiency=(("step", "layer"), work_eff),
-                     carnot_efficiency=(("step", "layer"), carnot),
-                     realized_efficiency=("layer", realized), engine_type=("layer", types))
+    return ds.assign(
+        work_efficiency=(("step", "layer"), work_eff),
+        carnot_efficiency=(("step", "layer"), carnot),
+        realized_efficiency=("layer", realized),
+        engine_type=("layer", types),
+    )
 
 
 def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:
@@ -184,63 +205,52 @@ def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:
     The entropy enters as exp(h) (an effective width in weight units): its relative change is
     the absolute change of h in nats, whereas h itself can sit near 0 and its relative change
     depends on the weight units."""
-    macro = np.stack([ds.weight_rms.values, np.exp(ds.weight_entropy.values), ds.temperature.values], axis=-1)
+    macro = np.stack(
+        [ds.weight_rms.values, np.exp(ds.weight_entropy.values), ds.temperature.values], axis=-1
+    )
     flags, onset = [], []
     for j in range(ds.sizes["layer"]):
-        eq, start = equilibrium(macro[:, j, :], ds.msd.values[:, j], ds.step.values, window, rel_tol)
+        eq, start = equilibrium(
+            macro[:, j, :], ds.msd.values[:, j], ds.step.values, window, rel_tol
+        )
         flags.append(eq)
         onset.append(start)
-    return ds.assign(equilibrated=(("step", "layer"), np.stack(flags, axis=1).astype(np.int8)),
-                     equilibrium_step=("layer", np.asarray(onset, dtype=np.float64)))
+    return ds.assign(
+        equilibrated=(("step", "layer"), np.stack(flags, axis=1).astype(np.int8)),
+        equilibrium_step=("layer", np.asarray(onset, dtype=np.float64)),
+    )
 
 
-def derive_run(ds: xr.Dataset, params: dict) -> xr.Dataset:
+def derive_run(ds: xr.Dataset, settings: ThermoSettings) -> xr.Dataset:
     """All per-run derived quantities, in dependency order."""
-    ds = add_temperature(ds, params.get("temperature_window", 8))
+    ds = add_temperature(ds, settings.temperature_window)
     ds = add_global_temperature(ds)
     ds = add_ensemble_entropy(ds)
     ds = add_first_law(ds)
-    ds = add_state_temperature(ds, params.get("data_shift_step"))
+    ds = add_state_temperature(ds, settings.data_shift_step)
     ds = add_efficiency(ds)
-    ds = add_equilibrium(ds, int(params.get("equilibrium_window", 8)),
-                         float(params.get("equilibrium_rel_tol", 0.05)))
+    ds = add_equilibrium(ds, settings.equilibrium_window, settings.equilibrium_rel_tol)
     ds = add_relaxation(ds)
     return annotate(ds)
 
 
-def derive(tree: xr.DataTree, params: dict) -> xr.DataTree:
+def derive(tree: xr.DataTree, settings: ThermoSettings | dict | None = None) -> xr.DataTree:
     """Measured tree -> tree with derived variables on every run node (+ ``sweep`` node)."""
+    settings = thermo_settings(settings)
     nodes = {"/": tree.to_dataset(inherit=False)}
-    runs = {name: derive_run(child.to_dataset(inherit=False), params)
-            for name, child in tree.children.items() if name != "sweep"}
+    runs = {
+        name: derive_run(child.to_dataset(inherit=False), settings)
+        for name, child in tree.children.items()
+        if name != "sweep"
+    }
     nodes.update({f"/{name}": ds for name, ds in runs.items()})
     if len(runs) >= 2:
         nodes["/sweep"] = sweep_dataset(runs)
     return xr.DataTree.from_dict(nodes)
 
 
-register("run_learning_rate", "weight^2/loss", "median learning rate over the run's second half (plateau)", "thermo.sweep_dataset")
-register("constant_lr", "1", "the run's learning rate is constant over its second half (1) or not (0)", "thermo.sweep_dataset")
-register("run_temperature", "loss", "median global temperature over the run's second half", "thermo.sweep_dataset")
-register("internal_energy", "loss", "mean logged loss over the run's second half (U)", "thermo.sweep_dataset")
-register("run_ensemble_entropy", "nats", "mean ensemble entropy of the windows in the run's second half, summed over layers (S)", "ensemble.ensemble_entropy")
-register("free_energy_temperature", "loss", "T making each plateau a minimum of F = U - T S (NaN: above the hull)", "thermodynamics.free_energy_temperature")
-register("free_energy_temperature_lower", "loss", "lower bound of the free-energy temperature", "thermodynamics.free_energy_temperature")
-register("free_energy_temperature_upper", "loss", "upper bound of the free-energy temperature", "thermodynamics.free_energy_temperature")
-register("fit_b", "loss", "power-law prefactor b of T = b lr^k (lr in its log units)", "thermodynamics.fit_power_law")
-register("fit_k", "1", "power-law exponent k of T = b lr^k", "thermodynamics.fit_power_law")
-register("fit_k_err", "1", "1-sigma uncertainty of k", "thermodynamics.fit_power_law")
-register("heat_capacity", "1", "C = dU/dT between runs adjacent in temperature (loss/loss)", "thermodynamics.heat_capacity")
-register("final_loss", "loss", "last logged loss of the run", "thermo.sweep_dataset")
-register("min_lr", "weight^2/loss", "minimum logged learning rate", "thermodynamics.schedule_diagnostics")
-register("lr_sum", "weight^2/loss", "sum of the learning rate over training steps", "thermodynamics.schedule_diagnostics")
-register("predicted_final_loss", "loss", "a + b min_lr + c / lr_sum fitted across runs", "thermodynamics.schedule_diagnostics")
-register("relaxation_rate", "1/step", "rate of the loss relaxation after an LR change (Liu: ~ 2 lr a)", "thermodynamics.relaxation_rate")
-register("relaxation_rate_err", "1/step", "1-sigma uncertainty of the relaxation rate", "thermodynamics.relaxation_rate")
-
-
 def _second_half(values: np.ndarray) -> np.ndarray:
-    half = values[len(values) // 2:]
+    half = values[len(values) // 2 :]
     return half[np.isfinite(half)]
 
 
@@ -287,36 +297,54 @@ def sweep_dataset(runs: dict[str, xr.Dataset]) -> xr.Dataset:
     rows = [_plateau(runs[n]) for n in names]
     cols = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
     plateau = cols["constant_lr"] > 0
-    b, k, k_err = fit_power_law(cols["run_learning_rate"][plateau], cols["run_temperature"][plateau])
+    b, k, k_err = fit_power_law(
+        cols["run_learning_rate"][plateau], cols["run_temperature"][plateau]
+    )
     fe = [np.full(len(names), np.nan) for _ in range(3)]
     if plateau.sum() >= 2:
-        est = free_energy_temperature(cols["internal_energy"][plateau], cols["run_ensemble_entropy"][plateau])
+        est = free_energy_temperature(
+            cols["internal_energy"][plateau], cols["run_ensemble_entropy"][plateau]
+        )
         for target, value in zip(fe, est):
             target[plateau] = value
-    t_mid, capacity = heat_capacity(cols["internal_energy"][plateau], cols["run_temperature"][plateau])
+    t_mid, capacity = heat_capacity(
+        cols["internal_energy"][plateau], cols["run_temperature"][plateau]
+    )
     logs = [_logged_lr(runs[n]) for n in names]
     sched = schedule_diagnostics([lr for _, lr in logs], cols["final_loss"], [s for s, _ in logs])
     ds = xr.Dataset(
         {key: ("run", value) for key, value in cols.items()}
-        | {"free_energy_temperature": ("run", fe[0]), "free_energy_temperature_lower": ("run", fe[1]),
-           "free_energy_temperature_upper": ("run", fe[2]),
-           "min_lr": ("run", sched["min_lr"]), "lr_sum": ("run", sched["lr_sum"]),
-           "predicted_final_loss": ("run", sched["predicted"]),
-           "heat_capacity": ("pair", capacity), "fit_b": ((), b), "fit_k": ((), k), "fit_k_err": ((), k_err)},
+        | {
+            "free_energy_temperature": ("run", fe[0]),
+            "free_energy_temperature_lower": ("run", fe[1]),
+            "free_energy_temperature_upper": ("run", fe[2]),
+            "min_lr": ("run", sched["min_lr"]),
+            "lr_sum": ("run", sched["lr_sum"]),
+            "predicted_final_loss": ("run", sched["predicted"]),
+            "heat_capacity": ("pair", capacity),
+            "fit_b": ((), b),
+            "fit_k": ((), k),
+            "fit_k_err": ((), k_err),
+        },
         coords={"run": names, "pair_temperature": ("pair", t_mid)},
     )
     ds["constant_lr"] = ds.constant_lr.astype(np.int8)
     return annotate(ds)
 
 
-def lr_change_steps(log_step: np.ndarray, log_lr: np.ndarray, jump: float = 0.2, flat: int = 3) -> list[int]:
+def lr_change_steps(
+    log_step: np.ndarray, log_lr: np.ndarray, jump: float = 0.2, flat: int = 3
+) -> list[int]:
     """Steps where the LR jumps by more than ``jump`` (relative) between two flat plateaus."""
     lr = np.asarray(log_lr, dtype=np.float64)
     out = []
     for k in range(flat, len(lr) - flat + 1):
-        before, after = lr[k - flat:k], lr[k:k + flat]
-        if np.ptp(before) <= 0.01 * before.max() and np.ptp(after) <= 0.01 * after.max() \
-                and abs(after[0] - before[-1]) > jump * before[-1]:
+        before, after = lr[k - flat : k], lr[k : k + flat]
+        if (
+            np.ptp(before) <= 0.01 * before.max()
+            and np.ptp(after) <= 0.01 * after.max()
+            and abs(after[0] - before[-1]) > jump * before[-1]
+        ):
             out.append(int(log_step[k]))
     return out
 
@@ -327,5 +355,6 @@ def add_relaxation(ds: xr.Dataset) -> xr.Dataset:
     fits = [relaxation_rate(ds.log_step.values, ds.log_loss.values, c) for c in changes]
     rate = np.array([f[0] for f in fits], dtype=np.float64)
     err = np.array([f[1] for f in fits], dtype=np.float64)
-    return ds.assign(relaxation_rate=("lr_change", rate), relaxation_rate_err=("lr_change", err)).assign_coords(
-        lr_change_step=("lr_change", np.asarray(changes, dtype=np.int64)))
+    return ds.assign(
+        relaxation_rate=("lr_change", rate), relaxation_rate_err=("lr_change", err)
+    ).assign_coords(lr_change_step=("lr_change", np.asarray(changes, dtype=np.int64)))

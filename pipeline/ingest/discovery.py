@@ -22,10 +22,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.errors import InputError
-from pipeline.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
-from pipeline.safetensors_io import Header, is_float_dtype, load_header
-from pipeline.training_log import config_path, find_log_files, read_activations, read_training_log
+from pipeline.core.errors import InputError
+from pipeline.core.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
+from pipeline.ingest.safetensors_io import Header, is_float_dtype, load_header
+from pipeline.ingest.training_log import (
+    config_path,
+    find_log_files,
+    read_activations,
+    read_training_log,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 _TRAINER_DIR = re.compile(r"^checkpoint[-_](.*)$")
@@ -80,7 +85,9 @@ class Scan:
     root: str
     runs: list[Run] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)  # file looked at -> what it is / was used for
+    files: dict[str, str] = field(
+        default_factory=dict
+    )  # file looked at -> what it is / was used for
     ignored: list[tuple[str, str]] = field(default_factory=list)
     run_dirs: list[str] = field(default_factory=list)
 
@@ -95,13 +102,20 @@ def _listdir(d: str) -> list[str]:
 def _flat_files(d: str) -> list[str]:
     """``*.safetensors`` entries of ``d``: files, and folders so that a folder named like a
     checkpoint is reported ("is a directory") rather than silently ignored."""
-    return [os.path.join(d, n) for n in _listdir(d) if n.endswith(".safetensors")
-            and (os.path.isfile(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)))]
+    return [
+        os.path.join(d, n)
+        for n in _listdir(d)
+        if n.endswith(".safetensors")
+        and (os.path.isfile(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)))
+    ]
 
 
 def _trainer_dirs(d: str) -> list[str]:
-    return [os.path.join(d, n) for n in _listdir(d)
-            if _TRAINER_DIR.match(n) and os.path.isdir(os.path.join(d, n))]
+    return [
+        os.path.join(d, n)
+        for n in _listdir(d)
+        if _TRAINER_DIR.match(n) and os.path.isdir(os.path.join(d, n))
+    ]
 
 
 def has_checkpoints(d: str) -> bool:
@@ -173,8 +187,15 @@ def _shard_path(index: str, folder: str, fname, tensor: str) -> str:
     if not isinstance(fname, str) or not fname:
         raise InputError(index, "weight_map entry is not a file name", tensor)
     parts = re.split(r"[\\/]", fname)
-    if os.path.isabs(fname) or fname.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", fname):
-        raise InputError(index, f"weight_map names {fname[:80]!r}, outside the checkpoint folder", tensor)
+    if (
+        os.path.isabs(fname)
+        or fname.startswith(("/", "\\"))
+        or ".." in parts
+        or re.match(r"^[A-Za-z]:", fname)
+    ):
+        raise InputError(
+            index, f"weight_map names {fname[:80]!r}, outside the checkpoint folder", tensor
+        )
     path = os.path.join(folder, *parts)
     if not os.path.isfile(path):
         raise InputError(index, f"shard {fname[:80]!r} named in weight_map does not exist", tensor)
@@ -194,7 +215,9 @@ def _sharded_ckpt(step: int, folder: str, index: str) -> tuple[_Ckpt, list[str]]
     headers = {p: load_header(p) for p in sorted(set(names.values()))}
     for n, p in names.items():
         if n not in headers[p].tensors:
-            raise InputError(index, f"weight_map puts it in {os.path.basename(p)}, which does not hold it", n)
+            raise InputError(
+                index, f"weight_map puts it in {os.path.basename(p)}, which does not hold it", n
+            )
     return _ckpt(step, folder, list(headers.values()), names, [(index, raw)]), [index, *headers]
 
 
@@ -220,7 +243,9 @@ def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
     trainer = _trainer_dirs(run_dir)
     if trainer:
         for f in _flat_files(run_dir):
-            out.ignored.append((f, "loose file next to checkpoint-<step>/ folders (Trainer layout); ignored"))
+            out.ignored.append(
+                (f, "loose file next to checkpoint-<step>/ folders (Trainer layout); ignored")
+            )
         jobs = [(d, _trainer_ckpt, d) for d in trainer]
     else:
         jobs = [(f, lambda p: (_flat_ckpt(p), [p]), f) for f in _flat_files(run_dir)]
@@ -230,7 +255,11 @@ def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
             out.files.update({f: f"checkpoint step {ck.step}" for f in files})
             found.append(ck)
         except InputError as e:
-            out.files.update(dict.fromkeys(_folder_files(label) if os.path.isdir(label) else [label], "checkpoint"))
+            out.files.update(
+                dict.fromkeys(
+                    _folder_files(label) if os.path.isdir(label) else [label], "checkpoint"
+                )
+            )
             out.problems.append(Problem(e.path, e.reason, e.tensor))
     return _drop_duplicate_steps(found, out)
 
@@ -251,7 +280,9 @@ def _drop_duplicate_steps(found: list[_Ckpt], out: Scan) -> list[_Ckpt]:
             continue
         for c in group:
             others = ", ".join(o.label for o in group if o is not c)
-            out.problems.append(Problem(c.label, f"duplicate step {step}: also the step of {others}"))
+            out.problems.append(
+                Problem(c.label, f"duplicate step {step}: also the step of {others}")
+            )
     return keep
 
 
@@ -306,7 +337,9 @@ def _run_extras(run_dir: str, tensors: list[TensorInfo], out: Scan) -> tuple[Tra
     except InputError as e:
         out.problems.append(Problem(e.path, e.reason, e.tensor))
     for f in explicit + others:
-        out.files[f] = "training log" if f in (log.source, *explicit[:1]) else "not used as the training log"
+        out.files[f] = (
+            "training log" if f in (log.source, *explicit[:1]) else "not used as the training log"
+        )
     try:
         acts = read_activations(run_dir, tensors)
         out.files.update({p: "activations config" for p in [config_path(run_dir)] if p})
@@ -323,8 +356,10 @@ def _scan_run(name: str, run_dir: str, out: Scan) -> None:
     ref = cks[0].tensors
     tensors = [ref[n][0] for n in sorted(ref, key=natural_key)]
     log, acts = _run_extras(run_dir, tensors, out)
-    checkpoints = [Checkpoint(c.step, {t.name: c.tensors[t.name][1] for t in tensors}, c.header_hash)
-                   for c in cks]
+    checkpoints = [
+        Checkpoint(c.step, {t.name: c.tensors[t.name][1] for t in tensors}, c.header_hash)
+        for c in cks
+    ]
     out.runs.append(Run(name, run_dir, checkpoints, tensors, log, acts))
 
 
@@ -338,8 +373,14 @@ def scan(path) -> Scan:
         return out
     runs = find_runs(root)
     if not runs:
-        out.problems.append(Problem(root, "no checkpoints found (expected *.safetensors files or "
-                                          "checkpoint-<step>/ folders, here or in run subfolders)", scope="root"))
+        out.problems.append(
+            Problem(
+                root,
+                "no checkpoints found (expected *.safetensors files or "
+                "checkpoint-<step>/ folders, here or in run subfolders)",
+                scope="root",
+            )
+        )
     for name, d in runs:
         out.run_dirs.append(d)
         _scan_run(name, d, out)

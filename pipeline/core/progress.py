@@ -14,9 +14,22 @@ def progress_printer(mode: str = "bar"):
     if mode == "quiet":
         return None
     if mode == "json":
+
         def emit(what, done, total):
-            print(json.dumps({"time": time.time(), "event": "progress", "what": what,
-                              "done": done, "total": total}), file=sys.stderr, flush=True)
+            print(
+                json.dumps(
+                    {
+                        "time": time.time(),
+                        "event": "progress",
+                        "what": what,
+                        "done": done,
+                        "total": total,
+                    }
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+
         return emit
     bar = None
 
@@ -31,4 +44,5 @@ def progress_printer(mode: str = "bar"):
         bar.update(done - bar.n)
         if done == total:
             bar.close()
+
     return update

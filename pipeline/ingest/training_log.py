@@ -23,8 +23,8 @@ import math
 import os
 import re
 
-from pipeline.errors import InputError
-from pipeline.manifest import TensorInfo, TrainingLog
+from pipeline.core.errors import InputError
+from pipeline.core.manifest import TensorInfo, TrainingLog
 
 STEP_KEYS = ("step", "global_step")
 LOSS_KEYS = ("loss",)
@@ -98,8 +98,12 @@ def _merge(path: str, rows: list[tuple[str, dict]]) -> TrainingLog:
             if not math.isnan(x):
                 vals[i] = x
     steps = sorted(by_step)
-    return TrainingLog(step=steps, loss=[by_step[s][0] for s in steps],
-                       learning_rate=[by_step[s][1] for s in steps], source=os.path.abspath(path))
+    return TrainingLog(
+        step=steps,
+        loss=[by_step[s][0] for s in steps],
+        learning_rate=[by_step[s][1] for s in steps],
+        source=os.path.abspath(path),
+    )
 
 
 def _load_json(path: str):
@@ -122,8 +126,13 @@ def _csv_rows(path: str) -> list[tuple[str, dict]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = [(f"line {i + 2}", {str(k).strip().lower(): v for k, v in r.items() if k is not None})
-                    for i, r in enumerate(reader)]
+            rows = [
+                (
+                    f"line {i + 2}",
+                    {str(k).strip().lower(): v for k, v in r.items() if k is not None},
+                )
+                for i, r in enumerate(reader)
+            ]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(path, f"cannot parse CSV ({str(e)[:120]})") from None
     return rows
@@ -162,16 +171,26 @@ def _is_log(rows: list[tuple[str, dict]]) -> bool:
 def find_log_files(run_dir: str) -> tuple[list[str], list[str]]:
     """(explicit, candidates): explicit log files (must parse) in priority order, then other
     ``*.csv`` / ``*.jsonl`` files of the run folder that are used only if they look like logs."""
-    explicit = [p for p in (_first_existing(run_dir, "trainer_state.json"),
-                            os.path.join(run_dir, "log.csv"), os.path.join(run_dir, "log.jsonl"))
-                if p and os.path.isfile(p)]
+    explicit = [
+        p
+        for p in (
+            _first_existing(run_dir, "trainer_state.json"),
+            os.path.join(run_dir, "log.csv"),
+            os.path.join(run_dir, "log.jsonl"),
+        )
+        if p and os.path.isfile(p)
+    ]
     try:
         names = sorted(os.listdir(run_dir))
     except OSError:
         names = []
-    others = [os.path.join(run_dir, n) for n in names
-              if n.endswith((".csv", ".jsonl")) and n not in ("log.csv", "log.jsonl")
-              and os.path.isfile(os.path.join(run_dir, n))]
+    others = [
+        os.path.join(run_dir, n)
+        for n in names
+        if n.endswith((".csv", ".jsonl"))
+        and n not in ("log.csv", "log.jsonl")
+        and os.path.isfile(os.path.join(run_dir, n))
+    ]
     return explicit, others
 
 
@@ -227,7 +246,9 @@ def read_activations(run_dir, tensor_names) -> dict[str, str]:
         raise InputError(path, "config.json is not a JSON object")
     explicit = cfg.get("thermoscope_activations", {})
     if not isinstance(explicit, dict) or not all(isinstance(v, str) for v in explicit.values()):
-        raise InputError(path, "'thermoscope_activations' must map tensor names or prefixes to strings")
+        raise InputError(
+            path, "'thermoscope_activations' must map tensor names or prefixes to strings"
+        )
     default = _hf_activation(cfg)
     out = {}
     for t in tensor_names:

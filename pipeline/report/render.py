@@ -34,13 +34,17 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pipeline import figures
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.report import figures
 
 SWEEP = "sweep"
 SWEEP_LR = ("run_learning_rate", "lr")
 SWEEP_TEMPERATURE = ("run_temperature", "temperature")
-FREE_ENERGY_NAMES = (("internal_energy", "run_ensemble_entropy"), ("U", "S"), ("internal_energy", "ensemble_entropy"))
+FREE_ENERGY_NAMES = (
+    ("internal_energy", "run_ensemble_entropy"),
+    ("U", "S"),
+    ("internal_energy", "ensemble_entropy"),
+)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Section:
 
 
 # ---------------------------------------------------------------- reading the store
+
 
 def open_store(store_path: Path) -> xr.DataTree:
     """Open the store lazily; a missing or unreadable store is an ``InputError``."""
@@ -88,6 +93,7 @@ def skipped_files(attrs: dict) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- numbers
+
 
 def _values(ds: xr.Dataset, var: str) -> np.ndarray | None:
     return np.asarray(ds[var].values, float) if var in ds.variables else None
@@ -186,8 +192,13 @@ def _run_tables(ds: xr.Dataset) -> tuple[pd.DataFrame, pd.DataFrame | None]:
             cols[var] = ds[var].values.astype(float)
     layer = None
     if "temperature" in ds and set(ds["temperature"].dims) == {"step", "layer"}:
-        layer = (ds["temperature"].transpose("step", "layer").to_series().rename("temperature")
-                 .reset_index()[["step", "layer", "temperature"]])
+        layer = (
+            ds["temperature"]
+            .transpose("step", "layer")
+            .to_series()
+            .rename("temperature")
+            .reset_index()[["step", "layer", "temperature"]]
+        )
     return pd.DataFrame(cols), layer
 
 
@@ -201,18 +212,22 @@ def plot_tables(runs: dict[str, xr.Dataset], sweep: xr.Dataset | None) -> dict[s
         if layer is not None:
             tables[f"{safe_name(run)}.layer_temperature.csv"] = layer
             combined["layer_temperature.csv"].append(layer.assign(run=run))
-    tables.update({name: pd.concat(parts, ignore_index=True) for name, parts in combined.items() if parts})
+    tables.update(
+        {name: pd.concat(parts, ignore_index=True) for name, parts in combined.items() if parts}
+    )
     points = sweep_points(sweep)
     if points is not None:
         lr, temp = points
         dim = lr.dims[0]
         names = sweep[dim].values if dim in sweep.coords else np.arange(sweep.sizes[dim])
         tables[f"{SWEEP}.temperature_vs_lr.csv"] = pd.DataFrame(
-            {"run": names, "lr": lr.values, "temperature": temp.values})
+            {"run": names, "lr": lr.values, "temperature": temp.values}
+        )
     return tables
 
 
 # ---------------------------------------------------------------- HTML pieces
+
 
 def esc(x) -> str:
     return html.escape(str(x))
@@ -222,7 +237,9 @@ def fmt(x, digits: int = 4) -> str:
     """Compact number formatting; '–' for NaN/None."""
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
-    if isinstance(x, (int, np.integer)) or (isinstance(x, float) and x.is_integer() and abs(x) < 1e12):
+    if isinstance(x, (int, np.integer)) or (
+        isinstance(x, float) and x.is_integer() and abs(x) < 1e12
+    ):
         return f"{int(x):d}"
     return f"{float(x):.{digits}g}"
 
@@ -236,11 +253,15 @@ def figure_html(fig, caption: str, missing: str) -> str:
     if fig is None:
         return note(missing)
     uri = figures.figure_to_data_uri(fig)
-    return (f'<figure><img alt="{esc(caption)}" src="{uri}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{esc(caption)}" src="{uri}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
-def table_html(header: list[str], rows: list[list], cls: str = "", row_cls: list[str] | None = None) -> str:
+def table_html(
+    header: list[str], rows: list[list], cls: str = "", row_cls: list[str] | None = None
+) -> str:
     """A table; numeric cells carry ``data-v`` so the inline JS sorts them numerically."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = []
@@ -249,16 +270,21 @@ def table_html(header: list[str], rows: list[list], cls: str = "", row_cls: list
         for v in row:
             if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
                 num = float(v)
-                cells.append(f'<td class="num" data-v="{num if np.isfinite(num) else ""}">{fmt(num)}</td>')
+                cells.append(
+                    f'<td class="num" data-v="{num if np.isfinite(num) else ""}">{fmt(num)}</td>'
+                )
             else:
                 cells.append(f"<td>{esc(v)}</td>")
         rc = f' class="{row_cls[i]}"' if row_cls and row_cls[i] else ""
         body.append(f"<tr{rc}>{''.join(cells)}</tr>")
-    table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    table = (
+        f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
     return f'<div class="tablewrap">{table}</div>' if "sortable" in cls else table
 
 
 # ---------------------------------------------------------------- sections
+
 
 def _hottest(ds: xr.Dataset, n: int = 3) -> str:
     t = _values(ds, "temperature")
@@ -266,8 +292,10 @@ def _hottest(ds: xr.Dataset, n: int = 3) -> str:
         return "–"
     mean = ds["temperature"].astype(float).mean([d for d in ds["temperature"].dims if d != "layer"])
     mean = mean.where(np.isfinite(mean), drop=True).sortby(mean, ascending=False)
-    return ", ".join(f"{layer} ({fmt(float(v), 3)})" for layer, v in
-                     zip(mean["layer"].values[:n], mean.values[:n]))
+    return ", ".join(
+        f"{layer} ({fmt(float(v), 3)})"
+        for layer, v in zip(mean["layer"].values[:n], mean.values[:n])
+    )
 
 
 def _equilibrium_text(ds: xr.Dataset) -> str:
@@ -277,8 +305,10 @@ def _equilibrium_text(ds: xr.Dataset) -> str:
     done = eq[np.isfinite(eq)]
     if not len(done):
         return f"none of {len(eq)} layers"
-    return (f"{len(done)}/{len(eq)} layers, first at step {fmt(done.min())}, "
-            f"median {fmt(float(np.median(done)))}, last {fmt(done.max())}")
+    return (
+        f"{len(done)}/{len(eq)} layers, first at step {fmt(done.min())}, "
+        f"median {fmt(float(np.median(done)))}, last {fmt(done.max())}"
+    )
 
 
 def _phases_text(ds: xr.Dataset) -> str:
@@ -294,38 +324,72 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
         m = run_metrics(ds)
         steps = ds["step"].values
         span = f"{len(steps)} ({fmt(steps.min())}–{fmt(steps.max())})" if len(steps) else "0"
-        rows.append([run, span, int(m["n_layers"]),
-                     f"{fmt(m.get('global_temperature_last', np.nan))} @ {fmt(m.get('global_temperature_last_step', np.nan))}",
-                     f"{fmt(m.get('global_temperature_peak', np.nan))} @ {fmt(m.get('global_temperature_peak_step', np.nan))}",
-                     m.get("final_loss", np.nan), _hottest(ds), _equilibrium_text(ds), _phases_text(ds)])
-    header = ["run", "steps", "layers", "global T now [loss] @ step", "global T peak [loss] @ step",
-              "final loss", "hottest layers (mean T)", "equilibrated", "LR phases"]
-    intro = (f"<p>{len(runs)} run(s) from <code>{esc(attrs.get('source', '?'))}</code>, "
-             f"thermoscope {esc(attrs.get('thermoscope_version', '?'))}.")
+        rows.append(
+            [
+                run,
+                span,
+                int(m["n_layers"]),
+                f"{fmt(m.get('global_temperature_last', np.nan))} @ {fmt(m.get('global_temperature_last_step', np.nan))}",
+                f"{fmt(m.get('global_temperature_peak', np.nan))} @ {fmt(m.get('global_temperature_peak_step', np.nan))}",
+                m.get("final_loss", np.nan),
+                _hottest(ds),
+                _equilibrium_text(ds),
+                _phases_text(ds),
+            ]
+        )
+    header = [
+        "run",
+        "steps",
+        "layers",
+        "global T now [loss] @ step",
+        "global T peak [loss] @ step",
+        "final loss",
+        "hottest layers (mean T)",
+        "equilibrated",
+        "LR phases",
+    ]
+    intro = (
+        f"<p>{len(runs)} run(s) from <code>{esc(attrs.get('source', '?'))}</code>, "
+        f"thermoscope {esc(attrs.get('thermoscope_version', '?'))}."
+    )
     if sweep is not None and "fit_k" in sweep and "fit_b" in sweep:
-        intro += (f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
-                  f"{fmt(float(sweep['fit_k'].values))}.")
-    body = intro + "</p>" + (table_html(header, rows, "summary") if rows else note("The store has no runs."))
+        intro += (
+            f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
+            f"{fmt(float(sweep['fit_k'].values))}."
+        )
+    body = (
+        intro
+        + "</p>"
+        + (table_html(header, rows, "summary") if rows else note("The store has no runs."))
+    )
     return Section("summary", "Summary", body)
 
 
 MAP_CAPTIONS = {
-    "temperature": ("Rows are layers from input (top) to output, columns checkpoints; colour is the "
-                    "layer's temperature on a log scale (grey: not identifiable / NaN). Dashed lines: "
-                    "learning-rate phase changes; diamonds: equilibrium onset. Equal colours across "
-                    "rows mean equipartition."),
-    "diffusivity": ("No learning-rate log for this run, so no temperature (T = D / (2 lr) needs the LR): "
-                    "colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
-                    "from input (top) to output, columns checkpoints (grey: not identifiable / NaN)."),
-    "weight_entropy": ("Rows are layers in depth order, columns checkpoints; colour is the differential "
-                       "entropy of the layer's weight values per parameter (higher = wider spread). "
-                       "Grey: NaN."),
+    "temperature": (
+        "Rows are layers from input (top) to output, columns checkpoints; colour is the "
+        "layer's temperature on a log scale (grey: not identifiable / NaN). Dashed lines: "
+        "learning-rate phase changes; diamonds: equilibrium onset. Equal colours across "
+        "rows mean equipartition."
+    ),
+    "diffusivity": (
+        "No learning-rate log for this run, so no temperature (T = D / (2 lr) needs the LR): "
+        "colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
+        "from input (top) to output, columns checkpoints (grey: not identifiable / NaN)."
+    ),
+    "weight_entropy": (
+        "Rows are layers in depth order, columns checkpoints; colour is the differential "
+        "entropy of the layer's weight values per parameter (higher = wider spread). "
+        "Grey: NaN."
+    ),
 }
 
 
 def _map_variable(ds: xr.Dataset, var: str) -> str:
     """The temperature map falls back to the diffusivity when the run has no learning-rate log."""
-    no_temperature = var == "temperature" and (var not in ds or not np.isfinite(ds[var].values).any())
+    no_temperature = var == "temperature" and (
+        var not in ds or not np.isfinite(ds[var].values).any()
+    )
     has_diffusivity = "diffusivity" in ds and np.isfinite(ds["diffusivity"].values).any()
     return "diffusivity" if no_temperature and has_diffusivity else var
 
@@ -340,43 +404,69 @@ def map_section(runs: dict[str, xr.Dataset], var: str, title: str, log: bool) ->
         units = ds[shown].attrs.get("units", "")
         long = ds[shown].attrs.get("long_name", shown)
         fig = figures.layer_step_map(ds, shown, log, f"{long} [{units}] per layer — {run}")
-        parts.append(figure_html(fig, MAP_CAPTIONS[shown],
-                                 f"{run}: '{shown}' has no finite{' positive' if log else ''} value; map skipped."))
+        parts.append(
+            figure_html(
+                fig,
+                MAP_CAPTIONS[shown],
+                f"{run}: '{shown}' has no finite{' positive' if log else ''} value; map skipped.",
+            )
+        )
     return Section(f"{var}-map", title, "".join(parts) or note("No runs."))
 
 
 def curves_section(runs: dict[str, xr.Dataset]) -> Section:
     fig = figures.global_curves(runs)
-    caption = ("One line per run. Top: n-weighted mean layer temperature; middle: logged training loss; "
-               "bottom: learning rate (log scales where all values are positive).")
-    return Section("global-curves", "Global temperature, loss and learning rate",
-                   figure_html(fig, caption, "No global temperature, loss or learning-rate data."))
+    caption = (
+        "One line per run. Top: n-weighted mean layer temperature; middle: logged training loss; "
+        "bottom: learning rate (log scales where all values are positive)."
+    )
+    return Section(
+        "global-curves",
+        "Global temperature, loss and learning rate",
+        figure_html(fig, caption, "No global temperature, loss or learning-rate data."),
+    )
 
 
 def per_run_figures(runs, make, caption: str, needed: str) -> str:
-    parts = [figure_html(make(ds, run), caption, f"{run}: '{needed}' missing or all NaN; skipped.")
-             for run, ds in runs.items()]
+    parts = [
+        figure_html(make(ds, run), caption, f"{run}: '{needed}' missing or all NaN; skipped.")
+        for run, ds in runs.items()
+    ]
     return "".join(parts)
 
 
 def efficiency_section(runs: dict[str, xr.Dataset]) -> Section:
-    caption = ("Bars: activation work efficiency 1 - E[phi(z)^2]/E[z^2] per layer, coloured by engine type "
-               "(scale-free vs scale-dependent); dashes: Carnot bound with the neighbour layer; diamonds: "
-               "realized efficiency work/(work+heat).")
+    caption = (
+        "Bars: activation work efficiency 1 - E[phi(z)^2]/E[z^2] per layer, coloured by engine type "
+        "(scale-free vs scale-dependent); dashes: Carnot bound with the neighbour layer; diamonds: "
+        "realized efficiency work/(work+heat)."
+    )
     if not any("work_efficiency" in ds for ds in runs.values()):
-        return Section("efficiency", "Heat-engine efficiency", note("No efficiency variables in the store."))
-    return Section("efficiency", "Heat-engine efficiency",
-                   per_run_figures(runs, figures.efficiency_bars, caption, "work_efficiency"))
+        return Section(
+            "efficiency", "Heat-engine efficiency", note("No efficiency variables in the store.")
+        )
+    return Section(
+        "efficiency",
+        "Heat-engine efficiency",
+        per_run_figures(runs, figures.efficiency_bars, caption, "work_efficiency"),
+    )
 
 
 def work_heat_section(runs: dict[str, xr.Dataset]) -> Section:
-    caption = ("Per layer, the run's total work (systematic descent, drift part) and heat (fluctuation part) "
-               "in loss units: positive work is loss removed by the drift, heat is the net loss gained by the "
-               "fluctuating (valley) directions (first law: dL = heat - work).")
+    caption = (
+        "Per layer, the run's total work (systematic descent, drift part) and heat (fluctuation part) "
+        "in loss units: positive work is loss removed by the drift, heat is the net loss gained by the "
+        "fluctuating (valley) directions (first law: dL = heat - work)."
+    )
     if not any(v in ds for ds in runs.values() for v in ("work", "heat")):
-        return Section("work-heat", "Work and heat per layer", note("No work/heat variables in the store."))
-    return Section("work-heat", "Work and heat per layer",
-                   per_run_figures(runs, figures.work_heat_bars, caption, "work/heat"))
+        return Section(
+            "work-heat", "Work and heat per layer", note("No work/heat variables in the store.")
+        )
+    return Section(
+        "work-heat",
+        "Work and heat per layer",
+        per_run_figures(runs, figures.work_heat_bars, caption, "work/heat"),
+    )
 
 
 def _scalar(ds: xr.Dataset, var: str) -> float:
@@ -397,15 +487,22 @@ def sweep_table(sweep: xr.Dataset) -> str:
 
 
 def sweep_section(sweep: xr.Dataset | None) -> Section:
-    caption = ("Each point is one run's temperature against its learning rate on log-log axes; the line is "
-               "the power-law fit T = b lr^k (k = 1 means T proportional to LR).")
+    caption = (
+        "Each point is one run's temperature against its learning rate on log-log axes; the line is "
+        "the power-law fit T = b lr^k (k = 1 means T proportional to LR)."
+    )
     title = "Temperature vs learning rate"
     if sweep is None:
         return Section("sweep", title, note("Single run: no sweep node."))
     points = sweep_points(sweep)
-    fig = None if points is None else figures.sweep_power_law(
-        *points, _scalar(sweep, "fit_b"), _scalar(sweep, "fit_k"))
-    body = figure_html(fig, caption, "Sweep node lacks finite positive learning rates/temperatures; skipped.")
+    fig = (
+        None
+        if points is None
+        else figures.sweep_power_law(*points, _scalar(sweep, "fit_b"), _scalar(sweep, "fit_k"))
+    )
+    body = figure_html(
+        fig, caption, "Sweep node lacks finite positive learning rates/temperatures; skipped."
+    )
     return Section("sweep", title, body + sweep_table(sweep))
 
 
@@ -416,8 +513,11 @@ def find_free_energy(runs, sweep) -> tuple[xr.DataArray, xr.DataArray, list[str]
         for u, s in FREE_ENERGY_NAMES:
             if u in ds and s in ds and ds[u].shape == ds[s].shape:
                 da = ds[u]
-                labels = ([str(x) for x in da[da.dims[0]].values] if da.ndim == 1 and da.dims[0] in ds.coords
-                          else [str(i) for i in range(da.size)])
+                labels = (
+                    [str(x) for x in da[da.dims[0]].values]
+                    if da.ndim == 1 and da.dims[0] in ds.coords
+                    else [str(i) for i in range(da.size)]
+                )
                 return ds[u], ds[s], labels
     return None
 
@@ -426,15 +526,32 @@ def free_energy_section(runs, sweep) -> Section:
     found = find_free_energy(runs, sweep)
     if found is None:
         return Section("free-energy", "Free energy", note("No (U, S) points in the store."))
-    caption = ("Each point is a stationary state (energy U = loss, entropy S); the slope dU/dS between two "
-               "points is the temperature at which both minimise F = U - T S.")
-    return Section("free-energy", "Free energy",
-                   figure_html(figures.free_energy_points(*found), caption, "U/S all NaN; skipped."))
+    caption = (
+        "Each point is a stationary state (energy U = loss, entropy S); the slope dU/dS between two "
+        "points is the temperature at which both minimise F = U - T S."
+    )
+    return Section(
+        "free-energy",
+        "Free energy",
+        figure_html(figures.free_energy_points(*found), caption, "U/S all NaN; skipped."),
+    )
 
 
-LAYER_COLUMNS = ["run", "layer", "depth", "n_params", "activation", "engine type", "mean T [loss]",
-                 "final T [loss]", "final entropy [nats/param]", "work eff.", "realized eff.",
-                 "equilibrium step", "non-finite"]
+LAYER_COLUMNS = [
+    "run",
+    "layer",
+    "depth",
+    "n_params",
+    "activation",
+    "engine type",
+    "mean T [loss]",
+    "final T [loss]",
+    "final entropy [nats/param]",
+    "work eff.",
+    "realized eff.",
+    "equilibrium step",
+    "non-finite",
+]
 
 
 def layer_last(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray:
@@ -463,17 +580,40 @@ def layer_rows(run: str, ds: xr.Dataset) -> tuple[list[list], list[str]]:
         v = figures.layer_mean(ds, var, order)
         return nan if v is None else v
 
-    nf = (np.asarray(ds["nonfinite_count"].fillna(0).sum([d for d in ds["nonfinite_count"].dims if d != "layer"])
-                     .values, float)[order] if "nonfinite_count" in ds else nan)
+    nf = (
+        np.asarray(
+            ds["nonfinite_count"]
+            .fillna(0)
+            .sum([d for d in ds["nonfinite_count"].dims if d != "layer"])
+            .values,
+            float,
+        )[order]
+        if "nonfinite_count" in ds
+        else nan
+    )
     eq = equilibrium_steps(ds)
-    cols = [[run] * len(order), [str(x) for x in ds["layer"].values[order]],
-            layer_coord(ds, "depth", order, np.nan), layer_coord(ds, "n_params", order, np.nan),
-            [str(x) for x in layer_coord(ds, "activation", order, "–")],
-            [str(x) for x in layer_coord(ds, "engine_type", order, "–")],
-            mean("temperature"), layer_last(ds, "temperature", order), layer_last(ds, "weight_entropy", order),
-            mean("work_efficiency"), mean("realized_efficiency"), nan if eq is None else eq[order], nf]
-    rows = [[float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v
-             for v in row] for row in zip(*cols)]
+    cols = [
+        [run] * len(order),
+        [str(x) for x in ds["layer"].values[order]],
+        layer_coord(ds, "depth", order, np.nan),
+        layer_coord(ds, "n_params", order, np.nan),
+        [str(x) for x in layer_coord(ds, "activation", order, "–")],
+        [str(x) for x in layer_coord(ds, "engine_type", order, "–")],
+        mean("temperature"),
+        layer_last(ds, "temperature", order),
+        layer_last(ds, "weight_entropy", order),
+        mean("work_efficiency"),
+        mean("realized_efficiency"),
+        nan if eq is None else eq[order],
+        nf,
+    ]
+    rows = [
+        [
+            float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else v
+            for v in row
+        ]
+        for row in zip(*cols)
+    ]
     return rows, ["bad" if n > 0 else "" for n in nf]
 
 
@@ -486,8 +626,10 @@ def layer_table_section(runs: dict[str, xr.Dataset]) -> Section:
             classes += c
     if not rows:
         return Section("layers", "Per-layer table", note("No layers."))
-    body = ("<p>Click a column header to sort (click again to reverse). Rows with non-finite values are "
-            "highlighted.</p>" + table_html(LAYER_COLUMNS, rows, "sortable", classes))
+    body = (
+        "<p>Click a column header to sort (click again to reverse). Rows with non-finite values are "
+        "highlighted.</p>" + table_html(LAYER_COLUMNS, rows, "sortable", classes)
+    )
     return Section("layers", "Per-layer table", body)
 
 
@@ -502,15 +644,23 @@ def nonfinite_section(runs: dict[str, xr.Dataset]) -> Section:
         for layer, count in zip(total["layer"].values, total.values):
             if count > 0:
                 at = nf.sel(layer=layer)
-                first = ds["step"].values[int(np.argmax(at.values > 0))] if "step" in at.dims else np.nan
+                first = (
+                    ds["step"].values[int(np.argmax(at.values > 0))]
+                    if "step" in at.dims
+                    else np.nan
+                )
                 rows.append([run, str(layer), float(count), float(first)])
     if not any("nonfinite_count" in ds for ds in runs.values()):
         body = note("'nonfinite_count' not in the store.")
     elif not rows:
         body = '<p class="ok">No NaN/Inf values in any checkpoint.</p>'
     else:
-        body = ('<p class="bad">NaN/Inf values found: estimates for these layers exclude them.</p>'
-                + table_html(["run", "layer", "non-finite values", "first step"], rows, "", ["bad"] * len(rows)))
+        body = (
+            '<p class="bad">NaN/Inf values found: estimates for these layers exclude them.</p>'
+            + table_html(
+                ["run", "layer", "non-finite values", "first step"], rows, "", ["bad"] * len(rows)
+            )
+        )
     return Section("nonfinite", "Non-finite values", body)
 
 
@@ -519,10 +669,14 @@ def skipped_section(attrs: dict) -> Section:
     if not items:
         return Section("skipped", "Skipped files", '<p class="ok">No files were skipped.</p>')
     lis = "".join(f"<li><code>{esc(p)}</code>: {esc(r)}</li>" for p, r in items)
-    return Section("skipped", "Skipped files", f"<p>{len(items)} file(s) were skipped:</p><ul>{lis}</ul>")
+    return Section(
+        "skipped", "Skipped files", f"<p>{len(items)} file(s) were skipped:</p><ul>{lis}</ul>"
+    )
 
 
-def build_sections(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset | None) -> list[Section]:
+def build_sections(
+    attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset | None
+) -> list[Section]:
     """All page sections in page order (summary, temperature map first among figures)."""
     return [
         summary_section(attrs, runs, sweep),
@@ -579,14 +733,18 @@ def render_html(sections: list[Section], title: str) -> str:
     """The whole page as one string."""
     nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
     body = "".join(
-        f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{esc(title)}</h1><nav>{nav}</nav>{body}<script>{JS}</script></body></html>")
+        f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1><nav>{nav}</nav>{body}<script>{JS}</script></body></html>"
+    )
 
 
 # ---------------------------------------------------------------- writing
+
 
 def write_outputs(tree: xr.DataTree, folder: Path) -> None:
     """Compute everything from the tree and write index.html, metrics.json and plots/ into ``folder``."""
@@ -595,9 +753,13 @@ def write_outputs(tree: xr.DataTree, folder: Path) -> None:
     plots.mkdir()
     for name, df in plot_tables(runs, sweep).items():
         df.to_csv(plots / name, index=False)
-    (folder / "metrics.json").write_text(json.dumps(compute_metrics(runs, sweep), indent=2, sort_keys=True))
+    (folder / "metrics.json").write_text(
+        json.dumps(compute_metrics(runs, sweep), indent=2, sort_keys=True)
+    )
     sections = build_sections(attrs, runs, sweep)
-    (folder / "index.html").write_text(render_html(sections, "thermoscope report"), encoding="utf-8")
+    (folder / "index.html").write_text(
+        render_html(sections, "thermoscope report"), encoding="utf-8"
+    )
 
 
 def install(tmp: Path, out_dir: Path) -> None:

@@ -76,7 +76,9 @@ def block_prefix(name: str) -> str:
     return m.group(1) if m else name.rsplit(".", 1)[0]
 
 
-def layer_ticks(names: list[str], max_labels: int = MAX_LAYER_LABELS) -> tuple[list[int], list[str]]:
+def layer_ticks(
+    names: list[str], max_labels: int = MAX_LAYER_LABELS
+) -> tuple[list[int], list[str]]:
     """Positions and labels for a layer axis that stays legible at any layer count.
 
     All names when few; otherwise the block prefix at the first row of each block when
@@ -107,7 +109,11 @@ def _finite_range(values: np.ndarray, log: bool) -> tuple[float, float] | None:
         return None
     lo, hi = float(values[ok].min()), float(values[ok].max())
     if lo == hi:
-        lo, hi = (lo / 1.5, hi * 1.5) if log else (lo - 0.5 * abs(lo) - 1e-12, hi + 0.5 * abs(hi) + 1e-12)
+        lo, hi = (
+            (lo / 1.5, hi * 1.5)
+            if log
+            else (lo - 0.5 * abs(lo) - 1e-12, hi + 0.5 * abs(hi) + 1e-12)
+        )
     return lo, hi
 
 
@@ -153,8 +159,17 @@ def layer_step_map(ds: xr.Dataset, var: str, log: bool, title: str, cmap: str = 
     ax.set_facecolor("#b0b0b0")
     ax.grid(False)
     norm = LogNorm(*rng) if log else Normalize(*rng)
-    sns.heatmap(values, mask=mask, norm=norm, cmap=cmap, ax=ax, xticklabels=False,
-                yticklabels=False, rasterized=True, cbar_kws={"label": axis_label(da, var)})
+    sns.heatmap(
+        values,
+        mask=mask,
+        norm=norm,
+        cmap=cmap,
+        ax=ax,
+        xticklabels=False,
+        yticklabels=False,
+        rasterized=True,
+        cbar_kws={"label": axis_label(da, var)},
+    )
     pos, labels = layer_ticks(names)
     ax.set_yticks(np.asarray(pos) + 0.5)
     ax.set_yticklabels(labels, fontsize=7 if n_layers > 20 else 8)
@@ -176,8 +191,16 @@ def _mark_phases(ax, ds: xr.Dataset, steps: np.ndarray) -> None:
     for start, _end, phase in segments[1:]:
         x = np.searchsorted(steps, start) + 0.5
         ax.axvline(x, color=PHASE_COLOURS[phase], ls="--", lw=1.4)
-        ax.text(x, -0.01, f" {phase}", color=PHASE_COLOURS[phase], fontsize=7,
-                transform=ax.get_xaxis_transform(), va="top", ha="left")
+        ax.text(
+            x,
+            -0.01,
+            f" {phase}",
+            color=PHASE_COLOURS[phase],
+            fontsize=7,
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            ha="left",
+        )
 
 
 def _mark_equilibrium(ax, ds: xr.Dataset, order: np.ndarray, steps: np.ndarray) -> None:
@@ -191,16 +214,28 @@ def _mark_equilibrium(ax, ds: xr.Dataset, order: np.ndarray, steps: np.ndarray) 
     cols = np.searchsorted(steps, onset[ok]) + 0.5
     rows = np.flatnonzero(ok) + 0.5
     size = float(np.clip(600 / len(order), 4, 40))
-    ax.scatter(cols, rows, marker="D", s=size, c="#00e5ff", edgecolors="black", linewidths=0.5,
-               label="equilibrium onset", zorder=3)
+    ax.scatter(
+        cols,
+        rows,
+        marker="D",
+        s=size,
+        c="#00e5ff",
+        edgecolors="black",
+        linewidths=0.5,
+        label="equilibrium onset",
+        zorder=3,
+    )
     ax.figure.legend(loc="outside lower right", fontsize=7)
 
 
 def global_curves(runs: dict[str, xr.Dataset]):
     """Global temperature, loss and learning rate vs step, one line per run (log y when positive)."""
     panels = ("global_temperature", "loss", "learning_rate")
-    if not any(v in ds.variables and np.isfinite(ds[v].values.astype(float)).any()
-               for ds in runs.values() for v in panels):
+    if not any(
+        v in ds.variables and np.isfinite(ds[v].values.astype(float)).any()
+        for ds in runs.values()
+        for v in panels
+    ):
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 7.5), sharex=True, layout="constrained")
     colours = sns.color_palette("viridis", max(len(runs), 1))
@@ -254,16 +289,21 @@ def efficiency_bars(ds: xr.Dataset, run: str):
     if work is None or not np.isfinite(work).any():
         return None
     names = [str(x) for x in ds["layer"].values[order]]
-    engine = (np.asarray(ds["engine_type"].values).astype(str)[order] if "engine_type" in ds
-              else np.full(len(order), "unknown"))
+    engine = (
+        np.asarray(ds["engine_type"].values).astype(str)[order]
+        if "engine_type" in ds
+        else np.full(len(order), "unknown")
+    )
     fig, ax = plt.subplots(figsize=(11, 3.8), layout="constrained")
     x = np.arange(len(order))
     kinds = list(dict.fromkeys(engine))
     for kind, colour in zip(kinds, ENGINE_PALETTE * (len(kinds) // 4 + 1)):
         sel = engine == kind
         ax.bar(x[sel], work[sel], color=colour, width=0.85, label=f"work efficiency: {kind}")
-    for var, style in (("carnot_efficiency", dict(marker="_", color="black", s=120)),
-                       ("realized_efficiency", dict(marker="D", color="white", edgecolors="black", s=22))):
+    for var, style in (
+        ("carnot_efficiency", dict(marker="_", color="black", s=120)),
+        ("realized_efficiency", dict(marker="D", color="white", edgecolors="black", s=22)),
+    ):
         y = layer_mean(ds, var, order)
         if y is not None and np.isfinite(y).any():
             ax.scatter(x, y, label=axis_label(ds[var], var), zorder=3, **style)
@@ -291,8 +331,13 @@ def work_heat_bars(ds: xr.Dataset, run: str):
     x = np.arange(len(order))
     width = 0.8 / len(sums)
     for i, (var, (vals, _)) in enumerate(sums.items()):
-        ax.bar(x + (i - (len(sums) - 1) / 2) * width, vals, width=width, label=var,
-               color=("#c44e52" if var == "heat" else "#4c72b0"))
+        ax.bar(
+            x + (i - (len(sums) - 1) / 2) * width,
+            vals,
+            width=width,
+            label=var,
+            color=("#c44e52" if var == "heat" else "#4c72b0"),
+        )
     ax.axhline(0, color="black", lw=0.6)
     _layer_axis(ax, names)
     units = next(iter(sums.values()))[1] or "loss"
@@ -321,7 +366,9 @@ def sweep_power_law(lr: xr.DataArray, temp: xr.DataArray, b: float = np.nan, k: 
     ax.set_yscale("log")
     ax.set_xlabel(axis_label(lr, "learning rate"))
     ax.set_ylabel(axis_label(temp, "temperature"))
-    ax.set_title(f"Temperature [{temp.attrs.get('units', 'loss')}] vs learning rate across the sweep (log-log)")
+    ax.set_title(
+        f"Temperature [{temp.attrs.get('units', 'loss')}] vs learning rate across the sweep (log-log)"
+    )
     ax.legend(fontsize=8, loc="upper left")
     return fig
 
@@ -339,6 +386,8 @@ def free_energy_points(u: xr.DataArray, s: xr.DataArray, labels: list[str]):
         ax.annotate(str(name), (xv, yv), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(axis_label(s, "S"))
     ax.set_ylabel(axis_label(u, "U"))
-    ax.set_title(f"Free energy F = U - T S: energy [{u.attrs.get('units', 'loss')}] vs entropy "
-                 f"[{s.attrs.get('units', 'nats')}]")
+    ax.set_title(
+        f"Free energy F = U - T S: energy [{u.attrs.get('units', 'loss')}] vs entropy "
+        f"[{s.attrs.get('units', 'nats')}]"
+    )
     return fig

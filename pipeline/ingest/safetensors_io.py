@@ -27,18 +27,33 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.errors import InputError
-from pipeline.manifest import TensorInfo
+from pipeline.core.errors import InputError
+from pipeline.core.manifest import TensorInfo
 
-if TYPE_CHECKING:  # torch is imported by read_rows only: header validation (check, discovery) stays light
+if (
+    TYPE_CHECKING
+):  # torch is imported by read_rows only: header validation (check, discovery) stays light
     import torch
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
 
 #: dtype code -> bytes per element, for every dtype this module understands.
 ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 #: Floating-point dtypes: the ones that are weights (read_rows upcasts them to float32).
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
@@ -61,7 +76,7 @@ class Header:
     file_size: int
     mtime_ns: int
 
-    def digest_into(self, h: "hashlib._Hash") -> None:
+    def digest_into(self, h: hashlib._Hash) -> None:
         """Feed raw header bytes, the file size and its modification time into a running hash:
         a checkpoint re-saved in place (same shapes, new values) changes the digest."""
         h.update(struct.pack("<QQ", self.file_size, self.mtime_ns))
@@ -78,12 +93,18 @@ def _raw_header(path: str) -> tuple[bytes, os.stat_result]:
             size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise InputError(path, f"file is {size} bytes, shorter than the 8-byte header length")
+                raise InputError(
+                    path, f"file is {size} bytes, shorter than the 8-byte header length"
+                )
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES:
-                raise InputError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+                raise InputError(
+                    path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
+                )
             if 8 + n > size:
-                raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes)")
+                raise InputError(
+                    path, f"header length {n} runs past the end of the file ({size} bytes)"
+                )
             body = f.read(n)
     except OSError as e:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
@@ -135,7 +156,9 @@ def _entry(path: str, name: str, e) -> tuple[str, tuple[int, ...], tuple[int, in
     nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != nbytes:
         raise InputError(
-            path, f"shape {tuple(shape)} x {dtype} needs {nbytes} bytes but data_offsets span {end - begin}", name
+            path,
+            f"shape {tuple(shape)} x {dtype} needs {nbytes} bytes but data_offsets span {end - begin}",
+            name,
         )
     return dtype, tuple(shape), (begin, end)
 
@@ -153,15 +176,23 @@ def _check_tiling(path: str, tensors: dict, data_len: int) -> None:
     pos, prev = 0, None
     for name, (_, _, (begin, end)) in sorted(tensors.items(), key=lambda kv: kv[1][2]):
         if end > data_len:
-            raise InputError(path, f"data_offsets [{begin}, {end}] run past the end of the file "
-                                   f"(data buffer is {data_len} bytes)", name)
+            raise InputError(
+                path,
+                f"data_offsets [{begin}, {end}] run past the end of the file "
+                f"(data buffer is {data_len} bytes)",
+                name,
+            )
         if begin < pos:
             raise InputError(path, f"data_offsets [{begin}, {end}] overlap tensor '{prev}'", name)
         if begin > pos:
-            raise InputError(path, f"gap of {begin - pos} bytes before data_offsets [{begin}, {end}]", name)
+            raise InputError(
+                path, f"gap of {begin - pos} bytes before data_offsets [{begin}, {end}]", name
+            )
         pos, prev = end, name
     if pos != data_len:
-        raise InputError(path, f"{data_len - pos} bytes after the last tensor are not covered by the header")
+        raise InputError(
+            path, f"{data_len - pos} bytes after the last tensor are not covered by the header"
+        )
 
 
 def load_header(path) -> Header:
@@ -191,7 +222,9 @@ def read_metadata(path) -> dict[str, str]:
 
 def tensor_infos(path) -> list[TensorInfo]:
     """Every tensor of the file as ``TensorInfo`` (float and non-float), in header order."""
-    return [TensorInfo(n, shape, dtype) for n, (dtype, shape, _) in load_header(path).tensors.items()]
+    return [
+        TensorInfo(n, shape, dtype) for n, (dtype, shape, _) in load_header(path).tensors.items()
+    ]
 
 
 @functools.lru_cache(maxsize=512)
@@ -207,7 +240,9 @@ def _header_for_read(path: str) -> Header:
     return _cached_header(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def read_rows(path: str, name: str, start: int, stop: int, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+def read_rows(
+    path: str, name: str, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``[start, stop)`` of tensor ``name`` (first dimension; elements of a 1-D tensor; the
     scalar itself for 0-D, where start/stop are ignored) as a contiguous ``torch.float32`` tensor.
 
@@ -223,12 +258,15 @@ def read_rows(path: str, name: str, start: int, stop: int, out: "torch.Tensor | 
         raise InputError(path, "no such tensor in the file", name)
     dtype, shape, (begin, _) = header.tensors[name]
     if shape and not (0 <= start <= stop <= shape[0]):
-        raise InputError(path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name)
+        raise InputError(
+            path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name
+        )
     row_elems = math.prod(shape[1:]) if shape else 1
     if out is not None and shape and dtype in _DIRECT and out.numel() == (stop - start) * row_elems:
         offset = len(header.raw) + begin + start * row_elems * ITEMSIZE[dtype]
         return _read_into(path, name, offset, dtype, out)
     import torch
+
     try:
         from safetensors import safe_open
 
@@ -237,14 +275,16 @@ def read_rows(path: str, name: str, start: int, stop: int, out: "torch.Tensor | 
     except InputError:
         raise
     except Exception as e:  # SafetensorError and anything torch raises on a damaged mapping
-        raise InputError(path, f"cannot read tensor data ({type(e).__name__}: {str(e)[:120]})", name) from None
+        raise InputError(
+            path, f"cannot read tensor data ({type(e).__name__}: {str(e)[:120]})", name
+        ) from None
     return t.to(torch.float32).contiguous()
 
 
 _DIRECT = ("F32", "BF16", "F16")  # dtypes read with one readinto (half types via a staging buffer)
 
 
-def _read_into(path: str, name: str, offset: int, dtype: str, out: "torch.Tensor") -> "torch.Tensor":
+def _read_into(path: str, name: str, offset: int, dtype: str, out: torch.Tensor) -> torch.Tensor:
     """Read ``out.numel()`` values of ``dtype`` at byte ``offset`` into the float32 ``out``."""
     import torch
 
@@ -260,7 +300,9 @@ def _read_into(path: str, name: str, offset: int, dtype: str, out: "torch.Tensor
     except OSError as e:
         raise InputError(path, f"cannot read tensor data ({e.strerror or e})", name) from None
     if got != len(raw):
-        raise InputError(path, "file ended inside the tensor's data (truncated while reading?)", name)
+        raise InputError(
+            path, "file ended inside the tensor's data (truncated while reading?)", name
+        )
     if dtype != "F32":
         flat.copy_(staging.view(torch.bfloat16 if dtype == "BF16" else torch.float16))
     return out

@@ -13,45 +13,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 import dask
 import torch
 from distributed import Client, LocalCluster, as_completed
 
-from . import forkserver
-from .errors import InputError
-from .measure import BlockTask, MeasureSettings, finalize_layer, measure_block
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """Knobs of the execution (params.yaml ``dask``)."""
-
-    scheduler_address: str | None = None  # join this cluster instead of starting one
-    n_workers: int | None = None  # local cluster size; None = one per core
-    memory_limit: str = "auto"  # per worker, Dask syntax ("4GiB")
-    gpu: str = "auto"  # "auto": GPU workers when CUDA is visible; "off": never
-    processes: bool = True  # local workers as processes (forked from a preloaded server), or threads (False)
-
-
-def resolve_address(settings: ClusterSettings) -> str | None:
-    return settings.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+from pipeline.core.errors import InputError
+from pipeline.measure import forkserver
+from pipeline.measure.kernel import BlockTask, finalize_layer, measure_block
+from pipeline.settings import ClusterSettings, MeasureSettings
 
 
 def check_device(device: str, settings: ClusterSettings) -> None:
     """Fail before any work, with a clear line, when ``measure.device`` names CUDA and the local
     cluster would have none (the workers of an existing cluster may: not checked there)."""
-    if device.startswith("cuda") and not resolve_address(settings) and not torch.cuda.is_available():
-        raise InputError("params.yaml", f"measure.device is '{device}' but no CUDA device is visible here "
-                                        "(use 'auto' or 'cpu')")
+    if device.startswith("cuda") and not settings.address and not torch.cuda.is_available():
+        raise InputError(
+            "params.yaml",
+            f"measure.device is '{device}' but no CUDA device is visible here "
+            "(use 'auto' or 'cpu')",
+        )
 
 
 @contextlib.contextmanager
 def dask_client(settings: ClusterSettings) -> Iterator[Client]:
     """A connected client; a cluster started here is closed on exit."""
-    address = resolve_address(settings)
+    address = settings.address
     if address:
         with Client(address) as client:
             yield client
@@ -81,24 +69,36 @@ def _local_cluster(settings: ClusterSettings):
     if settings.gpu != "off" and torch.cuda.is_available():
         try:
             from dask_cuda import LocalCUDACluster  # extra `gpu`
-        except ImportError:  # workers below still use the GPU (measure.device: auto), one context each
-            logging.getLogger(__name__).warning("CUDA is visible but dask-cuda is not installed "
-                                                "(pip install thermoscope[gpu]): CPU-style workers share the GPU")
+        except (
+            ImportError
+        ):  # workers below still use the GPU (measure.device: auto), one context each
+            logging.getLogger(__name__).warning(
+                "CUDA is visible but dask-cuda is not installed "
+                "(pip install thermoscope[gpu]): CPU-style workers share the GPU"
+            )
         else:
             return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
     config = {}
     if settings.processes:  # fork the workers from the preloaded server (pipeline/forkserver.py)
         forkserver.start()  # no-op when the caller started it early
-        config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()}
+        config = {
+            f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()
+        }
         config["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(config):
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=settings.processes,
-                            memory_limit=settings.memory_limit, **quiet)
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=settings.processes,
+            memory_limit=settings.memory_limit,
+            **quiet,
+        )
 
 
-def run_tasks(client: Client, layers: dict[tuple[str, str], list[BlockTask]],
-              settings: MeasureSettings) -> Iterator[tuple[tuple[str, str], dict]]:
+def run_tasks(
+    client: Client, layers: dict[tuple[str, str], list[BlockTask]], settings: MeasureSettings
+) -> Iterator[tuple[tuple[str, str], dict]]:
     """Submit every layer's block tasks and a finalize task; yield (key, result) as done."""
     finals = {}
     for key, tasks in layers.items():
@@ -115,4 +115,3 @@ def dashboard_link(client: Client) -> str | None:
     with contextlib.suppress(Exception):
         return client.dashboard_link
     return None
-

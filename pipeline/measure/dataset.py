@@ -1,0 +1,98 @@
+"""Measured layer results -> the measured store: one (step, layer[, lag | window]) Dataset
+per run under a root node that records the source, the skipped files and the settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+from pipeline import __version__
+from pipeline.core.manifest import Manifest, Run
+from pipeline.settings import MeasureSettings
+from pipeline.store.zarr_io import annotate, node_name
+
+
+def _log_on_steps(run: Run, field: str) -> np.ndarray:
+    """The log's ``field`` at each checkpoint step (NaN where not logged)."""
+    logged = dict(zip(run.log.step, getattr(run.log, field)))
+    return np.array([logged.get(s, np.nan) for s in run.steps], dtype=np.float64)
+
+
+def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) -> xr.Dataset:
+    """The measured variables of one run as a (step, layer[, lag | window]) Dataset."""
+    names = [t.name for t in run.tensors]
+    per_step = {}
+    for var in (
+        "weight_mean",
+        "weight_rms",
+        "weight_entropy",
+        "gaussian_entropy",
+        "non_gaussianity",
+        "nonfinite_count",
+        "rounding_noise_var",
+        "spectral_entropy",
+        "stable_rank",
+    ):
+        if any(var in layers[n] for n in names):  # e.g. spectral: NaN for 1-D layers
+            n_steps = len(run.steps)
+            per_step[var] = (
+                ("step", "layer"),
+                np.stack([layers[n].get(var, np.full(n_steps, np.nan)) for n in names], axis=1),
+            )
+    band = np.stack([layers[n]["sq_distance"] for n in names], axis=1)
+    n_params = np.array([t.n_params for t in run.tensors])
+    per_step["sq_distance"] = (("step", "layer", "lag"), band)
+    per_step["msd"] = (("step", "layer"), band[:, :, 0] / n_params)
+    n_windows = min(len(layers[n]["ensemble_log_var"]) for n in names)
+    for var in ("ensemble_log_var", "ensemble_frozen"):
+        per_step[var] = (
+            ("window", "layer"),
+            np.stack([layers[n][var][:n_windows] for n in names], axis=1).reshape(
+                n_windows, len(names)
+            ),
+        )
+    w = settings.ensemble_window
+    steps = np.array(run.steps, dtype=np.int64)
+    coords = {
+        "step": steps,
+        "layer": names,
+        "lag": np.arange(1, settings.max_lag + 1),
+        "n_params": ("layer", n_params),
+        "activation": ("layer", [run.activations.get(n, "unknown") for n in names]),
+        "is_vector": ("layer", [len(t.shape) < 2 for t in run.tensors]),
+        "depth": ("layer", np.arange(len(names))),
+        "learning_rate": ("step", _log_on_steps(run, "learning_rate")),
+        "loss": ("step", _log_on_steps(run, "loss")),
+        "window": np.arange(n_windows),
+        "window_start": ("window", steps[np.arange(n_windows) * w]),
+        "window_end": ("window", steps[np.arange(n_windows) * w + w - 1]),
+    }
+    per_step["log_loss"] = ("log_step", np.asarray(run.log.loss, dtype=np.float64))
+    per_step["log_learning_rate"] = (
+        "log_step",
+        np.asarray(run.log.learning_rate, dtype=np.float64),
+    )
+    coords["log_step"] = np.asarray(run.log.step, dtype=np.int64)
+    coords["fan_in"] = ("layer", np.array([t.row_elems for t in run.tensors]))
+    ds = xr.Dataset(per_step, coords=coords)
+    ds.attrs.update(run=run.name, path=run.path, log_source=run.log.source or "none")
+    return annotate(ds)
+
+
+def measured_tree(manifest: Manifest, results: dict, settings: MeasureSettings) -> xr.DataTree:
+    """Root (attrs) + one node per run."""
+    nodes = {
+        "/": xr.Dataset(
+            attrs={
+                "thermoscope_version": __version__,
+                "source": manifest.root,
+                "skipped": json.dumps(manifest.skipped),
+                "spectral": int(settings.spectral),
+            }
+        )
+    }
+    for run in manifest.runs:
+        nodes[f"/{node_name(run.name)}"] = run_dataset(run, results[run.name], settings)
+    return xr.DataTree.from_dict(nodes)

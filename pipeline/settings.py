@@ -1,0 +1,161 @@
+"""Every knob of the pipeline, typed, in one place: params.yaml -> ``Settings``.
+
+One dataclass per params.yaml section; their defaults are the only defaults (params.yaml
+repeats them for the reader). Stdlib and yaml only, so reading the settings costs the light
+stages (index, report) no torch or Dask import. Decisions that combine a setting with the
+environment (the scheduler to join, whether local workers are forked processes) are
+properties here, made once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from pipeline.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """params.yaml ``checkpoints``: the series to analyse."""
+
+    # a run folder or a sweep folder (folder of run folders)
+    dir: str = "data/demo"
+    # skip unreadable checkpoints (recorded in the store) instead of failing
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """params.yaml ``demo``: the bundled demo series is generated when checkpoints.dir is here."""
+
+    dir: str = "data/demo"
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """params.yaml ``measure``: the streaming measurement (stage measure)."""
+
+    # checkpoints back for the squared-distance band
+    max_lag: int = 8
+    # coordinates per layer for the value entropy (the same at every step; ~3e-3 nats)
+    entropy_sample: int = 2**16
+    # elements per row block: one Dask task, the unit of parallelism
+    block_elems: int = 2**22
+    # checkpoints per ensemble-entropy window
+    ensemble_window: int = 8
+    # SVD metrics of 2-D+ weights (a 2-D layer is then one block, read once more per checkpoint)
+    spectral: bool = False
+    # elements per cache slice (CPU); task memory ~ slice x 4 B x (max_lag + max(max_lag,
+    # ensemble_window) + 1)
+    slice_elems: int = 2**17
+    # "auto": cuda where the worker sees a GPU
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ThermoSettings:
+    """params.yaml ``thermo``: the derivation (stage thermo)."""
+
+    # checkpoints in the trailing window of the temperature estimate
+    temperature_window: int = 8
+    # checkpoints over which the macroscopic state must be stationary
+    equilibrium_window: int = 8
+    equilibrium_rel_tol: float = 0.05
+    # step of a data shift (Type II state temperature), or None
+    data_shift_step: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """params.yaml ``dask``: where the measurement tasks run."""
+
+    # join this cluster instead of starting one (or DASK_SCHEDULER_ADDRESS)
+    scheduler_address: str | None = None
+    # local cluster size; None = one per core
+    n_workers: int | None = None
+    # per worker, Dask syntax ("4GiB")
+    memory_limit: str = "auto"
+    # "auto": GPU workers when CUDA is visible; "off": never
+    gpu: str = "auto"
+    # local workers as processes forked from a preloaded server (True), or threads (False)
+    processes: bool = True
+
+    @property
+    def address(self) -> str | None:
+        """The scheduler to join: the setting, else ``DASK_SCHEDULER_ADDRESS``, else None."""
+        return self.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+    @property
+    def forks_local_workers(self) -> bool:
+        """True when this run starts local worker processes (forked from the forkserver)."""
+        return self.processes and not self.address
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """params.yaml ``paths``: every output of the pipeline (dvc.yaml names the same paths)."""
+
+    manifest: str = "data/manifest.json"
+    measured: str = "data/measure.zarr"
+    store: str = "data/thermo.zarr"
+    report: str = "data/report"
+    cache: str = "data/.cache"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole of params.yaml."""
+
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    thermo: ThermoSettings = field(default_factory=ThermoSettings)
+    dask: ClusterSettings = field(default_factory=ClusterSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> Settings:
+        """Build from a params.yaml mapping; unknown sections or keys are a one-line error."""
+        params = params or {}
+        sections = {f.name: f.default_factory for f in fields(cls)}
+        unknown = set(params) - set(sections)
+        if unknown:
+            raise InputError("params.yaml", f"unknown sections: {sorted(unknown)}")
+        return cls(
+            **{name: _build(make, params.get(name), name) for name, make in sections.items()}
+        )
+
+
+def _build(make, section: dict | None, where: str):
+    section = section or {}
+    known = {f.name for f in fields(make)}
+    unknown = set(section) - known
+    if unknown:
+        raise InputError("params.yaml", f"unknown keys in '{where}': {sorted(unknown)}")
+    return make(**section)
+
+
+def load_params(path="params.yaml") -> dict:
+    """The raw params.yaml mapping (a one-line error naming the file when it cannot be read)."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(
+            path, f"cannot read parameters ({exc.__class__.__name__}: {exc})"
+        ) from None
+
+
+def load_settings(path="params.yaml") -> Settings:
+    """params.yaml -> ``Settings``."""
+    return Settings.from_params(load_params(path))
+
+
+def thermo_settings(thermo: ThermoSettings | dict | None) -> ThermoSettings:
+    """Accept the typed settings or a raw ``thermo`` mapping (the Python API takes either)."""
+    if isinstance(thermo, ThermoSettings):
+        return thermo
+    return _build(ThermoSettings, thermo, "thermo")

@@ -1,0 +1,264 @@
+"""Every variable the store can hold: units, long name and the estimator that makes it.
+
+One literal table, read by ``annotate`` on every write: a variable missing here cannot be
+stored. Units of weights are the checkpoint's own ("weight"); temperatures are in loss units
+(METHODS.md, "Conventions"). The estimator names a function in ``pipeline.estimators`` (or the
+stage step that forms the value) so a reader of the store can find the formula.
+"""
+
+from __future__ import annotations
+
+# name -> (units, long_name, estimator)
+VARIABLES: dict[str, tuple[str, str, str]] = {
+    # measured (stage measure): streamed from the checkpoints
+    "weight_mean": ("weight", "mean of the layer's values", "moments"),
+    "weight_rms": ("weight", "root mean square of the layer's values", "moments"),
+    "weight_entropy": (
+        "nats/param",
+        "differential entropy of the value distribution",
+        "entropy.differential_entropy",
+    ),
+    "gaussian_entropy": (
+        "nats/param",
+        "entropy of a Gaussian with the same variance",
+        "entropy.gaussian_entropy",
+    ),
+    "non_gaussianity": ("nats/param", "Gaussian entropy minus value entropy (>= 0)", "entropy"),
+    "nonfinite_count": ("count", "NaN or Inf values in the layer", "moments"),
+    "rounding_noise_var": (
+        "weight^2",
+        "variance per value of the storage dtype's rounding (ulp^2/12)",
+        "displacement.rounding_noise_var",
+    ),
+    "sq_distance": (
+        "weight^2",
+        "squared distance to the checkpoint lag steps back, summed over the layer",
+        "displacement.sq_distance_band",
+    ),
+    "msd": (
+        "weight^2/param",
+        "mean squared displacement since the previous checkpoint",
+        "displacement",
+    ),
+    "ensemble_log_var": (
+        "ln(weight^2)",
+        "sum over coordinates of ln Var of detrended values in the window",
+        "ensemble.window_log_var_sum",
+    ),
+    "ensemble_frozen": (
+        "count",
+        "coordinates left out of ensemble_log_var as frozen (no resolvable fluctuation)",
+        "ensemble.window_statistics",
+    ),
+    "spectral_entropy": (
+        "1",
+        "spectral entropy normalised by ln(rank) (WeightWatcher)",
+        "spectral.spectral_metrics",
+    ),
+    "stable_rank": (
+        "1",
+        "stable rank sum(s^2)/max(s^2) (WeightWatcher)",
+        "spectral.spectral_metrics",
+    ),
+    "log_loss": ("loss", "training loss from the run's log", "log"),
+    "log_learning_rate": ("weight^2/loss", "learning rate from the run's log", "log"),
+    # derived (stage thermo): from the measured arrays, no checkpoint I/O
+    "diffusivity": (
+        "weight^2/param/step",
+        "noise diffusivity D (MSD-vs-lag, drift removed)",
+        "displacement.diffusivity_from_band",
+    ),
+    "diffusivity_err": (
+        "weight^2/param/step",
+        "1-sigma uncertainty of the diffusivity",
+        "displacement.diffusivity_from_band",
+    ),
+    "temperature_identifiable": (
+        "1",
+        "checkpoint spacing resolves the diffusion (1) or not (0)",
+        "displacement.diffusivity_from_band",
+    ),
+    "drift_speed2": (
+        "weight^2/param/step^2",
+        "squared drift (river) speed per parameter",
+        "displacement.diffusivity_from_band",
+    ),
+    "window_learning_rate": (
+        "weight^2/loss",
+        "mean learning rate over the temperature window",
+        "displacement.window_learning_rate",
+    ),
+    "rounding_resolution": (
+        "1",
+        "displacement variance between checkpoints over the storage dtype's ulp^2 (window mean; < 0.25: unresolved)",
+        "thermo.rounding_resolution",
+    ),
+    "temperature": (
+        "loss",
+        "local temperature T = D / (2 lr)",
+        "displacement.temperature_from_diffusivity",
+    ),
+    "temperature_err": (
+        "loss",
+        "1-sigma uncertainty of the local temperature",
+        "displacement.temperature_from_diffusivity",
+    ),
+    "global_temperature": (
+        "loss",
+        "n_params-weighted mean of layer temperatures",
+        "thermo.add_global_temperature",
+    ),
+    "temperature_spread": (
+        "1",
+        "n_params-weighted coefficient of variation of T across layers (0 at equipartition)",
+        "thermo.add_global_temperature",
+    ),
+    "ensemble_entropy": (
+        "nats",
+        "trajectory ensemble entropy of the window (diagonal Gaussian, extensive)",
+        "ensemble.ensemble_entropy",
+    ),
+    "total_entropy": (
+        "nats",
+        "sum over layers of n_params x weight entropy (extensive)",
+        "entropy.differential_entropy",
+    ),
+    "state_temperature": (
+        "loss",
+        "Type I state temperature dE/dS from initialization to this step (global)",
+        "thermodynamics.state_temperature",
+    ),
+    "layer_state_temperature": (
+        "loss",
+        "Type I state temperature of the layer: its share of dE over its dS",
+        "thermodynamics.state_temperature",
+    ),
+    "shift_state_temperature": (
+        "loss",
+        "Type II state temperature across the marked data shift",
+        "thermodynamics.state_temperature",
+    ),
+    "work": (
+        "loss",
+        "work: loss removed by the drift (river) over the interval to this step",
+        "thermodynamics.first_law_split",
+    ),
+    "heat": (
+        "loss",
+        "net heat absorbed by valley directions over the interval to this step",
+        "thermodynamics.first_law_split",
+    ),
+    "closure_error": (
+        "loss",
+        "logged loss change minus sum over layers of (heat - work)",
+        "thermodynamics.closure_error",
+    ),
+    "work_efficiency": (
+        "1",
+        "activation work efficiency 1 - E[phi(z)^2]/E[z^2] at the layer's pre-activation scale",
+        "efficiency.work_efficiency",
+    ),
+    "carnot_efficiency": (
+        "1",
+        "Carnot bound 1 - T_cold/T_hot between the layer and the next one",
+        "efficiency.carnot_efficiency",
+    ),
+    "realized_efficiency": (
+        "1",
+        "realized efficiency over the run: total work / (total work + total |heat|); NaN where total work <= 0 (drift unresolved)",
+        "efficiency.realized_efficiency",
+    ),
+    "engine_type": (
+        "1",
+        "scale-free (homogeneous activation) or scale-dependent engine",
+        "efficiency.engine_type",
+    ),
+    "equilibrated": (
+        "1",
+        "macroscopic state stationary while parameters move (1) or not (0)",
+        "thermodynamics.equilibrium",
+    ),
+    "equilibrium_step": (
+        "step",
+        "onset of the final equilibrated stretch (NaN: not equilibrated)",
+        "thermodynamics.equilibrium",
+    ),
+    "run_learning_rate": (
+        "weight^2/loss",
+        "median learning rate over the run's second half (plateau)",
+        "thermo.sweep_dataset",
+    ),
+    "constant_lr": (
+        "1",
+        "the run's learning rate is constant over its second half (1) or not (0)",
+        "thermo.sweep_dataset",
+    ),
+    "run_temperature": (
+        "loss",
+        "median global temperature over the run's second half",
+        "thermo.sweep_dataset",
+    ),
+    "internal_energy": (
+        "loss",
+        "mean logged loss over the run's second half (U)",
+        "thermo.sweep_dataset",
+    ),
+    "run_ensemble_entropy": (
+        "nats",
+        "mean ensemble entropy of the windows in the run's second half, summed over layers (S)",
+        "ensemble.ensemble_entropy",
+    ),
+    "free_energy_temperature": (
+        "loss",
+        "T making each plateau a minimum of F = U - T S (NaN: above the hull)",
+        "thermodynamics.free_energy_temperature",
+    ),
+    "free_energy_temperature_lower": (
+        "loss",
+        "lower bound of the free-energy temperature",
+        "thermodynamics.free_energy_temperature",
+    ),
+    "free_energy_temperature_upper": (
+        "loss",
+        "upper bound of the free-energy temperature",
+        "thermodynamics.free_energy_temperature",
+    ),
+    "fit_b": (
+        "loss",
+        "power-law prefactor b of T = b lr^k (lr in its log units)",
+        "thermodynamics.fit_power_law",
+    ),
+    "fit_k": ("1", "power-law exponent k of T = b lr^k", "thermodynamics.fit_power_law"),
+    "fit_k_err": ("1", "1-sigma uncertainty of k", "thermodynamics.fit_power_law"),
+    "heat_capacity": (
+        "1",
+        "C = dU/dT between runs adjacent in temperature (loss/loss)",
+        "thermodynamics.heat_capacity",
+    ),
+    "final_loss": ("loss", "last logged loss of the run", "thermo.sweep_dataset"),
+    "min_lr": (
+        "weight^2/loss",
+        "minimum logged learning rate",
+        "thermodynamics.schedule_diagnostics",
+    ),
+    "lr_sum": (
+        "weight^2/loss",
+        "sum of the learning rate over training steps",
+        "thermodynamics.schedule_diagnostics",
+    ),
+    "predicted_final_loss": (
+        "loss",
+        "a + b min_lr + c / lr_sum fitted across runs",
+        "thermodynamics.schedule_diagnostics",
+    ),
+    "relaxation_rate": (
+        "1/step",
+        "rate of the loss relaxation after an LR change (Liu: ~ 2 lr a)",
+        "thermodynamics.relaxation_rate",
+    ),
+    "relaxation_rate_err": (
+        "1/step",
+        "1-sigma uncertainty of the relaxation rate",
+        "thermodynamics.relaxation_rate",
+    ),
+}
