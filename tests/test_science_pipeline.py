@@ -27,7 +27,7 @@ from pipeline.testing.simulate import (
     simulate_linear_regression_sgd,
     simulate_quadratic_series,
 )
-from pipeline.thermo import derive as thermo
+from pipeline.thermo import temperature as thermo
 
 WINDOW = 8
 SETTINGS = MeasureSettings(max_lag=WINDOW, entropy_sample=4096, ensemble_window=WINDOW)

@@ -1,0 +1,172 @@
+"""Per-run derived thermodynamics (stage thermo): no checkpoint I/O.
+
+Each ``add_*`` takes one run's Dataset and returns it with new variables computed by the pure
+estimators in ``pipeline.estimators``; ``derive_run`` applies them in dependency order.
+Formulas, units and sources: METHODS.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from pipeline.estimators.efficiency import (
+    carnot_efficiency,
+    engine_type,
+    preactivation_scale,
+    realized_efficiency,
+    work_efficiency,
+)
+from pipeline.estimators.ensemble import ensemble_entropy
+from pipeline.estimators.thermodynamics import (
+    closure_error,
+    equilibrium,
+    first_law_split,
+    relaxation_rate,
+    state_temperature,
+)
+from pipeline.settings import ThermoSettings
+from pipeline.store.zarr_io import annotate
+from pipeline.thermo.temperature import add_global_temperature, add_temperature
+
+
+def add_ensemble_entropy(ds: xr.Dataset) -> xr.Dataset:
+    """Extensive trajectory-ensemble entropy per (window, layer) from the measured log-variances."""
+    fluctuating = (
+        ds.n_params.values[None, :] - ds.ensemble_frozen.values
+    )  # frozen ones carry no entropy term
+    ent = ensemble_entropy(ds.ensemble_log_var.values, fluctuating)
+    return ds.assign(ensemble_entropy=(("window", "layer"), np.asarray(ent, dtype=np.float64)))
+
+
+def _checkpoint_energy(ds: xr.Dataset) -> np.ndarray:
+    """Loss at each checkpoint step (loss units), NaN where not logged."""
+    return ds.loss.values.astype(np.float64)
+
+
+def add_state_temperature(ds: xr.Dataset, data_shift_step) -> xr.Dataset:
+    """Zhang's state temperatures: Type I (init -> t) global and per layer; Type II at a shift."""
+    n = ds.n_params.values.astype(np.float64)
+    layer_s = ds.weight_entropy.values * n
+    total_s = layer_s.sum(axis=1)
+    energy = _checkpoint_energy(ds)
+    glob = state_temperature(energy[0], energy, total_s[0], total_s)
+    layer_de = np.nancumsum(np.nan_to_num(ds.heat.values) - np.nan_to_num(ds.work.values), axis=0)
+    local = state_temperature(0.0, layer_de, layer_s[0], layer_s)
+    out = ds.assign(
+        total_entropy=("step", total_s),
+        state_temperature=("step", glob),
+        layer_state_temperature=(("step", "layer"), local),
+    )
+    if data_shift_step is not None:
+        before = int(np.searchsorted(ds.step.values, data_shift_step, side="right")) - 1
+        if 0 <= before < ds.sizes["step"] - 1:
+            shift = state_temperature(energy[before], energy[-1], total_s[before], total_s[-1])
+            out = out.assign(shift_state_temperature=((), float(shift)))
+    return out
+
+
+def add_first_law(ds: xr.Dataset) -> xr.Dataset:
+    """Work/heat per (interval ending at step, layer) and the closure error against the log."""
+    steps = ds.step.values
+    lr = ds.window_learning_rate.values  # D and v^2 are window quantities: the window's mean LR
+    dt = np.concatenate([[np.nan], np.diff(steps).astype(np.float64)])
+    work, heat = first_law_split(
+        ds.drift_speed2.values, ds.diffusivity.values, lr, dt, ds.n_params.values
+    )
+    dloss = np.concatenate([[np.nan], np.diff(_checkpoint_energy(ds))])
+    return ds.assign(
+        work=(("step", "layer"), work),
+        heat=(("step", "layer"), heat),
+        closure_error=("step", closure_error(work, heat, dloss)),
+    )
+
+
+def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
+    """Heat-engine efficiencies: activation work efficiency, Carnot bound, realized efficiency."""
+    acts = [str(a) for a in ds.activation.values]
+    scale = preactivation_scale(ds.weight_rms.values, ds.fan_in.values[None, :])
+    work_eff = np.full(scale.shape, np.nan)
+    for j, act in enumerate(acts):
+        if act != "unknown" and not bool(ds.is_vector.values[j]):
+            work_eff[:, j] = [
+                work_efficiency(act, float(s)) if np.isfinite(s) else np.nan for s in scale[:, j]
+            ]
+    temp = ds.temperature.values
+    neighbour = np.concatenate([temp[:, 1:], np.full((temp.shape[0], 1), np.nan)], axis=1)
+    carnot = carnot_efficiency(np.fmin(temp, neighbour), np.fmax(temp, neighbour))
+    # over the run: a single interval's drift estimate can be negative (noise-dominated)
+    total_work = np.nansum(ds.work.values, axis=0)
+    realized = realized_efficiency(
+        np.where(total_work > 0, total_work, np.nan), np.nansum(np.abs(ds.heat.values), axis=0)
+    )
+    types = [engine_type(a) if a != "unknown" else "unknown" for a in acts]
+    return ds.assign(
+        work_efficiency=(("step", "layer"), work_eff),
+        carnot_efficiency=(("step", "layer"), carnot),
+        realized_efficiency=("layer", realized),
+        engine_type=("layer", types),
+    )
+
+
+def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:
+    """Per layer: stationary (rms, entropy, T) while parameters keep moving; onset step.
+
+    The entropy enters as exp(h) (an effective width in weight units): its relative change is
+    the absolute change of h in nats, whereas h itself can sit near 0 and its relative change
+    depends on the weight units."""
+    macro = np.stack(
+        [ds.weight_rms.values, np.exp(ds.weight_entropy.values), ds.temperature.values], axis=-1
+    )
+    flags, onset = [], []
+    for j in range(ds.sizes["layer"]):
+        eq, start = equilibrium(
+            macro[:, j, :], ds.msd.values[:, j], ds.step.values, window, rel_tol
+        )
+        flags.append(eq)
+        onset.append(start)
+    return ds.assign(
+        equilibrated=(("step", "layer"), np.stack(flags, axis=1).astype(np.int8)),
+        equilibrium_step=("layer", np.asarray(onset, dtype=np.float64)),
+    )
+
+
+def derive_run(ds: xr.Dataset, settings: ThermoSettings) -> xr.Dataset:
+    """All per-run derived quantities, in dependency order."""
+    ds = add_temperature(ds, settings.temperature_window)
+    ds = add_global_temperature(ds)
+    ds = add_ensemble_entropy(ds)
+    ds = add_first_law(ds)
+    ds = add_state_temperature(ds, settings.data_shift_step)
+    ds = add_efficiency(ds)
+    ds = add_equilibrium(ds, settings.equilibrium_window, settings.equilibrium_rel_tol)
+    ds = add_relaxation(ds)
+    return annotate(ds)
+
+
+def lr_change_steps(
+    log_step: np.ndarray, log_lr: np.ndarray, jump: float = 0.2, flat: int = 3
+) -> list[int]:
+    """Steps where the LR jumps by more than ``jump`` (relative) between two flat plateaus."""
+    lr = np.asarray(log_lr, dtype=np.float64)
+    out = []
+    for k in range(flat, len(lr) - flat + 1):
+        before, after = lr[k - flat : k], lr[k : k + flat]
+        if (
+            np.ptp(before) <= 0.01 * before.max()
+            and np.ptp(after) <= 0.01 * after.max()
+            and abs(after[0] - before[-1]) > jump * before[-1]
+        ):
+            out.append(int(log_step[k]))
+    return out
+
+
+def add_relaxation(ds: xr.Dataset) -> xr.Dataset:
+    """Loss relaxation rate after each LR jump between plateaus (thermal conduction)."""
+    changes = lr_change_steps(ds.log_step.values, ds.log_learning_rate.values)
+    fits = [relaxation_rate(ds.log_step.values, ds.log_loss.values, c) for c in changes]
+    rate = np.array([f[0] for f in fits], dtype=np.float64)
+    err = np.array([f[1] for f in fits], dtype=np.float64)
+    return ds.assign(
+        relaxation_rate=("lr_change", rate), relaxation_rate_err=("lr_change", err)
+    ).assign_coords(lr_change_step=("lr_change", np.asarray(changes, dtype=np.int64)))
