@@ -20,6 +20,8 @@ import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 
+from pipeline.report.data import equilibrium_onset  # noqa: E402
+
 DPI = 100
 MAX_LAYER_LABELS = 40
 MAX_STEP_LABELS = 12
@@ -71,7 +73,10 @@ def lr_phases(step: np.ndarray, lr: np.ndarray) -> list[tuple[float, float, str]
 
 
 def block_prefix(name: str) -> str:
-    """Module block of a parameter name: up to the last ``.<number>`` (``layers.3.attn.q`` -> ``layers.3``)."""
+    """Module block of a parameter name: up to the last ``.<number>``.
+
+    ``layers.3.attn.q`` -> ``layers.3``; a name without a number drops its last part.
+    """
     m = re.match(r"^(.*\.\d+)(\.|$)", name)
     return m.group(1) if m else name.rsplit(".", 1)[0]
 
@@ -122,17 +127,6 @@ def _thin_xticks(ax, labels: np.ndarray, max_labels: int = MAX_STEP_LABELS) -> N
     pos = np.arange(0, len(labels), k)
     ax.set_xticks(pos + 0.5)
     ax.set_xticklabels([str(labels[i]) for i in pos], rotation=0)
-
-
-def _eq_onset(ds: xr.Dataset) -> xr.DataArray | None:
-    """Equilibrium onset step per layer: ``equilibrium_step`` or the first ``equilibrated`` step."""
-    if "equilibrium_step" in ds:
-        return ds["equilibrium_step"].astype(float)
-    if "equilibrated" in ds and "step" in ds["equilibrated"].dims:
-        eq = ds["equilibrated"].fillna(False).astype(bool)
-        first = eq.argmax("step")
-        return xr.where(eq.any("step"), ds["step"].values[first.values], np.nan)
-    return None
 
 
 def layer_step_map(ds: xr.Dataset, var: str, log: bool, title: str, cmap: str = "magma"):
@@ -204,7 +198,7 @@ def _mark_phases(ax, ds: xr.Dataset, steps: np.ndarray) -> None:
 
 
 def _mark_equilibrium(ax, ds: xr.Dataset, order: np.ndarray, steps: np.ndarray) -> None:
-    onset = _eq_onset(ds)
+    onset = equilibrium_onset(ds)
     if onset is None:
         return
     onset = np.asarray(onset.values, float)[order]
@@ -229,7 +223,7 @@ def _mark_equilibrium(ax, ds: xr.Dataset, order: np.ndarray, steps: np.ndarray) 
 
 
 def global_curves(runs: dict[str, xr.Dataset]):
-    """Global temperature, loss and learning rate vs step, one line per run (log y when positive)."""
+    """Global temperature, loss and learning rate vs step, one line per run (log y if positive)."""
     panels = ("global_temperature", "loss", "learning_rate")
     if not any(
         v in ds.variables and np.isfinite(ds[v].values.astype(float)).any()
@@ -272,7 +266,7 @@ def _layer_axis(ax, names: list[str]) -> None:
 
 
 def layer_mean(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray | None:
-    """Per-layer values in ``order``, averaging over any other dim (NaN-skipping; None when absent)."""
+    """Per-layer values in ``order``, the NaN-skipping mean over any other dim; None if absent."""
     if var not in ds or "layer" not in ds[var].dims:
         return None
     da = ds[var].astype(float)
@@ -283,7 +277,10 @@ def layer_mean(ds: xr.Dataset, var: str, order: np.ndarray) -> np.ndarray | None
 
 
 def efficiency_bars(ds: xr.Dataset, run: str):
-    """Per-layer activation work efficiency coloured by engine type, with Carnot bound and realized efficiency."""
+    """Per-layer activation work efficiency coloured by engine type.
+
+    With the Carnot bound (neighbour layer) and the realized efficiency work/(work+heat).
+    """
     order = depth_order(ds)
     work = layer_mean(ds, "work_efficiency", order)
     if work is None or not np.isfinite(work).any():
@@ -367,7 +364,8 @@ def sweep_power_law(lr: xr.DataArray, temp: xr.DataArray, b: float = np.nan, k: 
     ax.set_xlabel(axis_label(lr, "learning rate"))
     ax.set_ylabel(axis_label(temp, "temperature"))
     ax.set_title(
-        f"Temperature [{temp.attrs.get('units', 'loss')}] vs learning rate across the sweep (log-log)"
+        f"Temperature [{temp.attrs.get('units', 'loss')}] vs learning rate "
+        "across the sweep (log-log)"
     )
     ax.legend(fontsize=8, loc="upper left")
     return fig
