@@ -33,6 +33,7 @@ from torch import nn
 
 from pipeline.core.atomic import replace_dir, write_text
 from pipeline.core.errors import InputError
+from pipeline.ingest.safetensors_io import DTYPES, torch_dtype
 
 DEMO_FORMAT = 1  # bump when the files written change, so old demos are regenerated
 MARKER = "demo.json"
@@ -45,7 +46,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
-_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+#: dtype codes the demo can save its checkpoints in
+SAVE_DTYPES = ("F32", "F64", "F16", "BF16")
 
 
 # ----------------------------------------------------------------------------- data
@@ -247,8 +249,8 @@ def _log_entry(model, data: DigitsData, step: int, lr: float, batch_size: int) -
 
 
 def _check_run_args(out_dir: Path, n_steps, checkpoint_every, batch_size, dtype, n_train):
-    if dtype not in _DTYPES:
-        raise InputError(out_dir, f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    if dtype not in SAVE_DTYPES:
+        raise InputError(out_dir, f"unsupported dtype {dtype!r}; use one of {sorted(SAVE_DTYPES)}")
     if n_steps < 1 or checkpoint_every < 1:
         raise InputError(
             out_dir, f"n_steps ({n_steps}) and checkpoint_every ({checkpoint_every}) must be >= 1"
@@ -293,7 +295,7 @@ def train_digits_run(
         model = DigitsMLP(hidden, activations)
         batches = _batches(len(data.y_train), batch_size, torch.Generator().manual_seed(seed))
         history = [_log_entry(model, data, 0, _lr(lr_schedule, 0, out_dir), batch_size)]
-        _save_checkpoint(out_dir, model, 0, _DTYPES[dtype], history, n_steps, checkpoint_every)
+        _save_checkpoint(out_dir, model, 0, torch_dtype(dtype), history, n_steps, checkpoint_every)
         for step in range(n_steps):
             _sgd_step(model, data, next(batches), _lr(lr_schedule, step, out_dir))
             done = step + 1
@@ -302,7 +304,7 @@ def train_digits_run(
                     _log_entry(model, data, done, _lr(lr_schedule, done, out_dir), batch_size)
                 )
                 _save_checkpoint(
-                    out_dir, model, done, _DTYPES[dtype], history, n_steps, checkpoint_every
+                    out_dir, model, done, torch_dtype(dtype), history, n_steps, checkpoint_every
                 )
     return out_dir
 
@@ -335,7 +337,7 @@ def _run_config(hidden, activations, dtype: str, label_noise: float) -> dict:
         # HF configs name one activation; ours may differ per layer, then it is the list.
         "hidden_act": activations[0] if uniform else list(activations),
         "thermoscope_activations": activation_map(activations),
-        "torch_dtype": str(_DTYPES[dtype]).removeprefix("torch."),
+        "torch_dtype": DTYPES[dtype].torch_name,
         "thermoscope_label_noise": label_noise,
     }
 

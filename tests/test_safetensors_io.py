@@ -9,6 +9,7 @@ import torch
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo
 from pipeline.ingest.safetensors_io import (
+    DTYPES,
     FLOAT_DTYPES,
     is_float_dtype,
     load_header,
@@ -16,9 +17,10 @@ from pipeline.ingest.safetensors_io import (
     read_metadata,
     read_rows,
     tensor_infos,
+    torch_dtype,
 )
 
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+WEIGHT_CODES = ("F32", "F16", "BF16")  # the storage dtypes of real training runs
 
 
 @pytest.fixture
@@ -33,8 +35,19 @@ def model_file(tmp_path):
 
 
 @pytest.mark.parametrize("code", list(DTYPES))
+def test_dtype_table_agrees_with_safetensors_and_torch(tmp_path, code):
+    """Each code is what the safetensors library writes for its torch dtype, with torch's
+    element size and floating-point flag."""
+    dtype = torch_dtype(code)
+    path = cf.write_file(tmp_path / "d.safetensors", {"x": torch.zeros(3).to(dtype)})
+    assert read_header(path)["x"][0] == code
+    assert dtype.itemsize == DTYPES[code].itemsize
+    assert dtype.is_floating_point == DTYPES[code].is_float == is_float_dtype(code)
+
+
+@pytest.mark.parametrize("code", WEIGHT_CODES)
 def test_read_header_matches_written_tensors(model_file, code):
-    path, tensors = model_file(DTYPES[code])
+    path, tensors = model_file(torch_dtype(code))
     hdr = read_header(path)
     assert set(hdr) == set(tensors)
     for name, t in tensors.items():
@@ -59,10 +72,10 @@ def test_metadata_absent_is_empty(tmp_path):
     assert read_metadata(path) == {}
 
 
-@pytest.mark.parametrize("code", list(DTYPES))
+@pytest.mark.parametrize("code", WEIGHT_CODES)
 @pytest.mark.parametrize("start,stop", [(0, 8), (2, 5), (7, 8), (3, 3)])
 def test_read_rows_equals_upcast_values(model_file, code, start, stop):
-    path, tensors = model_file(DTYPES[code])
+    path, tensors = model_file(torch_dtype(code))
     for name in ("layers.0.weight", "layers.0.bias"):
         got = read_rows(path, name, start, stop)
         want = tensors[name][start:stop].to(torch.float32)

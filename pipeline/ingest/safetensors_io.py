@@ -37,31 +37,50 @@ if (
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
 
-#: dtype code -> bytes per element, for every dtype this module understands.
-ITEMSIZE: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
+
+@dataclass(frozen=True)
+class DType:
+    """What the pipeline knows about one safetensors dtype code."""
+
+    itemsize: int  # bytes per element
+    is_float: bool  # floating point: a weight (read_rows upcasts it to float32)
+    torch_name: str  # the torch dtype, ``getattr(torch, torch_name)`` (see ``torch_dtype``)
+
+
+#: The one dtype table: safetensors dtype code -> DType, for every code this package reads.
+DTYPES: dict[str, DType] = {
+    "F64": DType(8, True, "float64"),
+    "F32": DType(4, True, "float32"),
+    "F16": DType(2, True, "float16"),
+    "BF16": DType(2, True, "bfloat16"),
+    "F8_E4M3": DType(1, True, "float8_e4m3fn"),
+    "F8_E5M2": DType(1, True, "float8_e5m2"),
+    "I64": DType(8, False, "int64"),
+    "I32": DType(4, False, "int32"),
+    "I16": DType(2, False, "int16"),
+    "I8": DType(1, False, "int8"),
+    "U64": DType(8, False, "uint64"),
+    "U32": DType(4, False, "uint32"),
+    "U16": DType(2, False, "uint16"),
+    "U8": DType(1, False, "uint8"),
+    "BOOL": DType(1, False, "bool"),
 }
-#: Floating-point dtypes: the ones that are weights (read_rows upcasts them to float32).
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+#: Floating-point dtype codes: the ones that are weights.
+FLOAT_DTYPES = frozenset(code for code, d in DTYPES.items() if d.is_float)
+#: Codes ``read_rows`` reads with one ``readinto`` into a float32 buffer (half types staged).
+_DIRECT = ("F32", "BF16", "F16")
 
 
 def is_float_dtype(dtype: str) -> bool:
     """True for the floating-point dtype codes (weights); False for integer/bool buffers."""
     return dtype in FLOAT_DTYPES
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``KeyError`` for an unknown code)."""
+    import torch
+
+    return getattr(torch, DTYPES[dtype].torch_name)
 
 
 @dataclass(frozen=True)
@@ -144,7 +163,7 @@ def _entry(path: str, name: str, e) -> tuple[str, tuple[int, ...], tuple[int, in
     if not isinstance(e, dict):
         raise InputError(path, "header entry is not an object", name)
     dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InputError(path, f"unknown dtype {str(dtype)[:40]!r}", name)
     if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
         raise InputError(path, "shape is not a list of non-negative integers", name)
@@ -153,7 +172,7 @@ def _entry(path: str, name: str, e) -> tuple[str, tuple[int, ...], tuple[int, in
     begin, end = offs
     if end < begin:
         raise InputError(path, f"data_offsets end {end} before begin {begin}", name)
-    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != nbytes:
         raise InputError(
             path,
@@ -263,7 +282,7 @@ def read_rows(
         )
     row_elems = math.prod(shape[1:]) if shape else 1
     if out is not None and shape and dtype in _DIRECT and out.numel() == (stop - start) * row_elems:
-        offset = len(header.raw) + begin + start * row_elems * ITEMSIZE[dtype]
+        offset = len(header.raw) + begin + start * row_elems * DTYPES[dtype].itemsize
         return _read_into(path, name, offset, dtype, out)
     import torch
 
@@ -279,9 +298,6 @@ def read_rows(
             path, f"cannot read tensor data ({type(e).__name__}: {str(e)[:120]})", name
         ) from None
     return t.to(torch.float32).contiguous()
-
-
-_DIRECT = ("F32", "BF16", "F16")  # dtypes read with one readinto (half types via a staging buffer)
 
 
 def _read_into(path: str, name: str, offset: int, dtype: str, out: torch.Tensor) -> torch.Tensor:
@@ -304,5 +320,5 @@ def _read_into(path: str, name: str, offset: int, dtype: str, out: torch.Tensor)
             path, "file ended inside the tensor's data (truncated while reading?)", name
         )
     if dtype != "F32":
-        flat.copy_(staging.view(torch.bfloat16 if dtype == "BF16" else torch.float16))
+        flat.copy_(staging.view(torch_dtype(dtype)))
     return out

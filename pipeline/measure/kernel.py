@@ -31,11 +31,8 @@ from pipeline.estimators.entropy import (
     entropy_subsample_indices,
     gaussian_entropy,
 )
-from pipeline.ingest.safetensors_io import read_rows
+from pipeline.ingest.safetensors_io import read_rows, torch_dtype
 from pipeline.settings import MeasureSettings
-
-# storage dtypes whose rounding noise matters for displacements (exact round trip from fp32)
-STORAGE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -358,7 +355,8 @@ def finalize_layer(blocks: list[dict]) -> dict:
     var = np.maximum(total["sumsq"] / count - mean**2, 0.0)
     sample = total["sample"]
     entropy = np.array([differential_entropy(torch.from_numpy(row)) for row in sample])
-    storage = STORAGE_DTYPES.get(blocks[0]["dtype"], torch.float64)
+    # the sample back in its storage dtype (exact from fp32): the rounding noise of that dtype
+    storage = torch_dtype(blocks[0]["dtype"])
     rounding = np.array([rounding_noise_var(torch.from_numpy(row).to(storage)) for row in sample])
     gauss = gaussian_entropy(np.where(var > 0, var, np.nan))
     result = {

@@ -30,8 +30,10 @@ from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from pipeline.estimators.displacement import sq_distance_band
+from pipeline.ingest.safetensors_io import torch_dtype
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+#: dtype codes the simulators write
+SAVE_DTYPES = ("F32", "BF16")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _advance(y, h, grad, sigma, lr, k, rng):
 
 
 def _write_checkpoint(path, tensors: dict, dtype: str) -> None:
-    save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.to(torch_dtype(dtype)).contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _write_log(path, steps, loss, lr) -> None:
@@ -147,8 +149,8 @@ def simulate_quadratic_series(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}")
     if total_steps is None:
         if callable(lr_schedule):
             total_steps = (n_checkpoints - 1) * checkpoint_every
