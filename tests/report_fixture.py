@@ -162,7 +162,13 @@ def run_dataset(
         "equilibrated": (sl, equilibrated.astype(np.int8), _attrs("1", "equilibrated")),
         "equilibrium_step": (("layer",), eq_step, _attrs("step", "time to equilibrium")),
     }
-    return xr.Dataset(data, coords=coords)
+    log_attrs = {  # a Lightning CSVLogger log, as discovery records it
+        "path": "/runs/fixture",
+        "log_source": "/runs/fixture/lightning_logs/version_0/metrics.csv",
+        "log_loss_key": "train_loss",
+        "log_lr_key": "lr-AdamW",
+    }
+    return xr.Dataset(data, coords=coords, attrs=log_attrs)
 
 
 def sweep_dataset(runs: dict[str, xr.Dataset], peak_lrs: list[float]) -> xr.Dataset:

@@ -105,6 +105,8 @@ def test_summary_table_and_highlights(report, store):
     n_eq = int(np.isfinite(ds.equilibrium_step).sum())
     assert n_eq > 0 and f"{n_eq}/6 layers" in found["summary"]
     assert "warmup" in found["summary"] and "decay" in found["summary"]
+    log = "lightning_logs/version_0/metrics.csv (loss: train_loss, LR: lr-AdamW)"
+    assert log in found["summary"]
     assert 'class="bad"' in found["nonfinite"] and "blocks.1.weight" in found["nonfinite"]
     assert '<tr class="bad">' in found["layers"]
     assert SKIPPED[0][0] in found["skipped"] and SKIPPED[0][1] in found["skipped"]

@@ -49,12 +49,15 @@ class Checkpoint:
 
 @dataclass
 class TrainingLog:
-    """Per-step scalars from trainer_state.json or a CSV/JSONL log; NaN where not logged."""
+    """Per-step scalars from the run's training log; NaN where not logged. ``loss_key`` and
+    ``lr_key`` are the names the loss and learning rate had in that log (None: not found)."""
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
-    source: str | None = None  # file the log came from, None when the run has no log
+    source: str | None = None  # file (or DVCLive/TensorBoard folder) the log came from
+    loss_key: str | None = None
+    lr_key: str | None = None
 
 
 @dataclass

@@ -1,13 +1,21 @@
 """Per-step loss and learning rate of a run, and the activation function of each layer.
 
-Logs, first found wins:
+Logs, first usable source wins (``read_training_log``):
 1. ``trainer_state.json`` (Hugging Face Trainer): the run folder's own, else the one inside the
    latest ``checkpoint-<step>/`` folder (it holds the whole history up to that step).
-   ``log_history`` entries with ``step`` and ``loss`` and/or ``learning_rate`` are used;
-   eval-only and summary entries (no ``loss``/``learning_rate``) are ignored.
-2. ``log.csv``, then ``log.jsonl``: columns/keys ``step``, ``loss``, ``lr`` or ``learning_rate``.
-3. Any other ``*.csv`` / ``*.jsonl`` in the run folder (name order) that has a ``step`` column
-   and a ``loss`` or learning-rate column; files without those columns are not logs.
+2. ``log.csv``, then ``log.jsonl`` in the run folder.
+3. Lightning CSVLogger: ``lightning_logs/version_<n>/metrics.csv`` (highest version).
+4. DVCLive: ``dvclive/plots/metrics/**/*.tsv`` (one file per metric, columns ``step`` and the
+   value; the metric is its path, e.g. ``train/loss``), else the one-step ``dvclive/metrics.json``.
+5. TensorBoard event files (``*tfevents*`` anywhere under the run folder), scalar summaries read
+   with tensorboard's ``EventAccumulator``; files in path order, later files win a shared step.
+6. Any other ``*.csv`` / ``*.jsonl`` in the run folder (name order).
+
+The loss and learning-rate keys of a source are chosen from the tables ``LOSS_KEYS`` /
+``LR_KEYS`` (case-insensitive, first listed name present in the source wins; Lightning's
+``LearningRateMonitor`` names ``lr-<Optimizer>`` are matched by pattern). A source with neither
+a loss nor an LR key is not a log and the next one is tried. The chosen file and keys are kept
+in ``TrainingLog`` (``source``, ``loss_key``, ``lr_key``) and shown in the report.
 
 Entries of the same step are merged (later non-missing values win). A missing log gives an
 empty ``TrainingLog`` (``source=None``); a log file that exists but cannot be parsed raises
@@ -26,11 +34,36 @@ import re
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo, TrainingLog
 
-STEP_KEYS = ("step", "global_step")
-LOSS_KEYS = ("loss",)
-LR_KEYS = ("learning_rate", "lr")
+STEP_KEYS = ("step", "global_step", "trainer/global_step")
+# Names of the training loss and learning rate in the loggers we know, most specific first.
+# HF Trainer: loss / learning_rate (trainer_state), train/loss / train/learning_rate (TensorBoard,
+# DVCLive); Lightning: train_loss (+ _step when logged on step and epoch), lr-<Optimizer>.
+LOSS_KEYS = (
+    "loss",
+    "train_loss",
+    "train/loss",
+    "train_loss_step",
+    "train/loss_step",
+    "training_loss",
+    "train/train_loss",
+    "loss_step",
+)
+LR_KEYS = (
+    "learning_rate",
+    "lr",
+    "train/learning_rate",
+    "train/lr",
+    "lr-adamw",
+    "lr-adam",
+    "lr-sgd",
+    "lr-adamw/pg1",
+    "lr-adam/pg1",
+    "lr-sgd/pg1",
+)
+_LR_MONITOR = re.compile(r"^lr-[a-z0-9_]+(/pg1)?$")  # Lightning LearningRateMonitor, any optimizer
 HF_ACT_KEYS = ("hidden_act", "activation_function", "hidden_activation")
 _CKPT_DIR = re.compile(r"^checkpoint[-_](\d+)$")
+_LIGHTNING_VERSION = re.compile(r"^version_(\d+)$")
 
 
 def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
@@ -74,22 +107,36 @@ def _number(path: str, where: str, value, integer: bool = False) -> float:
     return x
 
 
-def _get(entry: dict, keys) -> object:
-    for k in keys:
-        if k in entry:
-            return entry[k]
+def _pick(present: dict[str, str], table, pattern: re.Pattern | None = None) -> str | None:
+    """The source's own spelling of the first ``table`` name it has (``present`` maps lower-case
+    names to the source's spelling), else of the first name matching ``pattern``."""
+    for k in table:
+        if k in present:
+            return present[k]
+    if pattern is not None:
+        for low in sorted(present):
+            if pattern.match(low):
+                return present[low]
     return None
 
 
-def _merge(path: str, rows: list[tuple[str, dict]]) -> TrainingLog:
-    """Rows (location, {normalized key: value}) -> TrainingLog sorted by step, same steps merged."""
+def _merge(path: str, rows: list[tuple[str, dict]]) -> TrainingLog | None:
+    """Rows (location, {key: value}) -> TrainingLog sorted by step, same steps merged, with the
+    keys chosen from the name tables; None when the rows have no step or no loss/LR key."""
+    present: dict[str, str] = {}
+    for _, r in rows:
+        for k in r:
+            present.setdefault(k.lower(), k)
+    step_key = _pick(present, STEP_KEYS)
+    loss_key, lr_key = _pick(present, LOSS_KEYS), _pick(present, LR_KEYS, _LR_MONITOR)
+    if step_key is None or (loss_key is None and lr_key is None):
+        return None
     by_step: dict[int, list[float]] = {}
     for where, r in rows:
-        step_raw = _get(r, STEP_KEYS)
-        loss, lr = _get(r, LOSS_KEYS), _get(r, LR_KEYS)
-        if step_raw is None or (loss is None and lr is None):
+        loss, lr = r.get(loss_key), r.get(lr_key)
+        if r.get(step_key) is None or (loss is None and lr is None):
             continue
-        step = _number(path, where, step_raw, integer=True)
+        step = _number(path, where, r[step_key], integer=True)
         if math.isnan(step):
             continue
         vals = by_step.setdefault(int(step), [math.nan, math.nan])
@@ -103,6 +150,8 @@ def _merge(path: str, rows: list[tuple[str, dict]]) -> TrainingLog:
         loss=[by_step[s][0] for s in steps],
         learning_rate=[by_step[s][1] for s in steps],
         source=os.path.abspath(path),
+        loss_key=loss_key,
+        lr_key=lr_key,
     )
 
 
@@ -122,15 +171,12 @@ def _trainer_state_rows(path: str) -> list[tuple[str, dict]]:
     return [(f"log_history[{i}]", e) for i, e in enumerate(hist) if isinstance(e, dict)]
 
 
-def _csv_rows(path: str) -> list[tuple[str, dict]]:
+def _csv_rows(path: str, delimiter: str = ",") -> list[tuple[str, dict]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, delimiter=delimiter)
             rows = [
-                (
-                    f"line {i + 2}",
-                    {str(k).strip().lower(): v for k, v in r.items() if k is not None},
-                )
+                (f"line {i + 2}", {str(k).strip(): v for k, v in r.items() if k is not None})
                 for i, r in enumerate(reader)
             ]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -151,34 +197,134 @@ def _jsonl_rows(path: str) -> list[tuple[str, dict]]:
                     raise InputError(path, f"line {i}: not valid JSON ({str(e)[:80]})") from None
                 if not isinstance(obj, dict):
                     raise InputError(path, f"line {i}: not a JSON object")
-                rows.append((f"line {i}", {str(k).strip().lower(): v for k, v in obj.items()}))
+                rows.append((f"line {i}", {str(k).strip(): v for k, v in obj.items()}))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(path, f"cannot read ({str(e)[:120]})") from None
     return rows
 
 
+def _flatten(obj: dict, prefix: str = "") -> dict:
+    """Nested JSON objects -> one level with ``/``-joined keys (DVCLive's metric names)."""
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _dvclive_rows(live_dir: str) -> list[tuple[str, dict]]:
+    """One row per (metric file, line): {"step": s, "<metric path>": value}. DVCLive writes each
+    metric to ``plots/metrics/<name>.tsv`` with columns ``step`` (+ ``timestamp``) and the
+    value; without plots, ``metrics.json`` holds the latest value of each metric at ``step``."""
+    plots = os.path.join(live_dir, "plots", "metrics")
+    rows = []
+    for dirpath, _, names in sorted(os.walk(plots)):
+        for n in sorted(x for x in names if x.endswith(".tsv")):
+            path = os.path.join(dirpath, n)
+            metric = os.path.relpath(path, plots)[: -len(".tsv")].replace(os.sep, "/")
+            for where, r in _csv_rows(path, delimiter="\t"):
+                value_cols = [k for k in r if k not in ("step", "timestamp")]
+                if "step" not in r or len(value_cols) != 1:
+                    raise InputError(path, f"{where}: expected columns step and one value column")
+                rows.append((f"{path} {where}", {"step": r["step"], metric: r[value_cols[0]]}))
+    summary = os.path.join(live_dir, "metrics.json")
+    if not rows and os.path.isfile(summary):
+        obj = _load_json(summary)
+        if not isinstance(obj, dict):
+            raise InputError(summary, "metrics.json is not a JSON object")
+        rows.append(("metrics.json", _flatten(obj)))
+    return rows
+
+
+def tensorboard_files(folder: str) -> list[str]:
+    """TensorBoard event files (``*tfevents*``) anywhere under ``folder``, in path order."""
+    if os.path.isfile(folder):
+        return [folder]
+    found = []
+    for dirpath, _, names in os.walk(folder):
+        found += [os.path.join(dirpath, n) for n in names if "tfevents" in n]
+    return sorted(found)
+
+
+def _tensorboard_rows(source: str) -> list[tuple[str, dict]]:
+    """One row per scalar event: {"step": step, tag: value}, files in path order. Read with
+    tensorboard's EventAccumulator (all events kept, no sampling); a non-empty file in which it
+    finds no event is not an event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for path in tensorboard_files(source):
+        if os.path.getsize(path) == 0:
+            continue
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        try:
+            acc.Reload()
+            acc.FirstEventTimestamp()
+        except ValueError:
+            raise InputError(path, "no readable TensorBoard event in this file") from None
+        except Exception as e:  # the reader's own errors (corrupt records, I/O)
+            raise InputError(path, f"cannot read TensorBoard events ({str(e)[:120]})") from None
+        for tag in acc.Tags()["scalars"]:
+            for i, ev in enumerate(acc.Scalars(tag)):
+                rows.append((f"{path} {tag}[{i}]", {"step": ev.step, tag: ev.value}))
+    return rows
+
+
 def _rows(path: str) -> list[tuple[str, dict]]:
+    """The rows of one log source, by its kind (file name, or folder for DVCLive/TensorBoard)."""
+    if os.path.basename(path) == "dvclive":
+        return _dvclive_rows(path)
     if path.endswith(".json"):
         return _trainer_state_rows(path)
-    return _csv_rows(path) if path.endswith(".csv") else _jsonl_rows(path)
+    if path.endswith(".csv"):
+        return _csv_rows(path)
+    if path.endswith(".jsonl"):
+        return _jsonl_rows(path)
+    return _tensorboard_rows(path)
 
 
-def _is_log(rows: list[tuple[str, dict]]) -> bool:
-    keys = set().union(*(r.keys() for _, r in rows)) if rows else set()
-    return bool(keys & set(STEP_KEYS)) and bool(keys & set(LOSS_KEYS + LR_KEYS))
+def _lightning_csv(run_dir: str) -> str | None:
+    """``lightning_logs/version_<n>/metrics.csv`` of the highest version, if any."""
+    logs = os.path.join(run_dir, "lightning_logs")
+    try:
+        versions = [
+            (int(m.group(1)), n) for n in os.listdir(logs) if (m := _LIGHTNING_VERSION.match(n))
+        ]
+    except OSError:
+        return None
+    for _, n in sorted(versions, reverse=True):
+        p = os.path.join(logs, n, "metrics.csv")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _tensorboard_source(run_dir: str) -> str | None:
+    """The event file, or the folder holding all event files, of the run; None without any."""
+    files = tensorboard_files(run_dir)
+    if not files:
+        return None
+    return files[0] if len(files) == 1 else os.path.commonpath(files)
 
 
 def find_log_files(run_dir: str) -> tuple[list[str], list[str]]:
-    """(explicit, candidates): explicit log files (must parse) in priority order, then other
-    ``*.csv`` / ``*.jsonl`` files of the run folder that are used only if they look like logs."""
+    """(explicit, candidates): log sources found by name or layout (they must parse) in priority
+    order, then other ``*.csv`` / ``*.jsonl`` files of the run folder, used only if they hold a
+    step and a known loss or LR column. DVCLive and TensorBoard sources are folders."""
+    live = os.path.join(run_dir, "dvclive")
     explicit = [
         p
         for p in (
             _first_existing(run_dir, "trainer_state.json"),
             os.path.join(run_dir, "log.csv"),
             os.path.join(run_dir, "log.jsonl"),
+            _lightning_csv(run_dir),
+            live if os.path.isdir(live) else None,
+            _tensorboard_source(run_dir),
         )
-        if p and os.path.isfile(p)
+        if p and os.path.exists(p)
     ]
     try:
         names = sorted(os.listdir(run_dir))
@@ -195,16 +341,15 @@ def find_log_files(run_dir: str) -> tuple[list[str], list[str]]:
 
 
 def read_training_log(run_dir) -> TrainingLog:
-    """Loss and learning rate per step of the run in ``run_dir`` (see module docstring for the
-    files tried). Empty ``TrainingLog`` (source None) when there is no log."""
+    """Loss and learning rate per step of the run in ``run_dir`` from the first source that has
+    a step and a known loss or LR key (see the module docstring for the order). Empty
+    ``TrainingLog`` (source None) when there is none."""
     run_dir = os.path.abspath(os.fspath(run_dir))
     explicit, others = find_log_files(run_dir)
-    if explicit:
-        return _merge(explicit[0], _rows(explicit[0]))
-    for p in others:
-        rows = _rows(p)
-        if _is_log(rows):
-            return _merge(p, rows)
+    for p in explicit + others:
+        log = _merge(p, _rows(p))
+        if log is not None:
+            return log
     return TrainingLog()
 
 

@@ -77,7 +77,13 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     coords["log_step"] = np.asarray(run.log.step, dtype=np.int64)
     coords["fan_in"] = ("layer", np.array([t.row_elems for t in run.tensors]))
     ds = xr.Dataset(per_step, coords=coords)
-    ds.attrs.update(run=run.name, path=run.path, log_source=run.log.source or "none")
+    ds.attrs.update(
+        run=run.name,
+        path=run.path,
+        log_source=run.log.source or "none",
+        log_loss_key=run.log.loss_key or "none",
+        log_lr_key=run.log.lr_key or "none",
+    )
     return annotate(ds)
 
 

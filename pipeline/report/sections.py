@@ -7,6 +7,8 @@ note saying what is missing, so the page always has the same headings.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import xarray as xr
 
@@ -65,6 +67,18 @@ def _phases_text(ds: xr.Dataset) -> str:
     return ", ".join(f"{p} {fmt(a)}–{fmt(b)}" for a, b, p in seg) or "no LR log"
 
 
+def _log_text(ds: xr.Dataset) -> str:
+    """The run's training log: file (relative to the run folder) and the loss / LR keys used."""
+    src = ds.attrs.get("log_source", "none")
+    if src == "none":
+        return "no log"
+    run_dir = ds.attrs.get("path", "")
+    if run_dir and src.startswith(run_dir.rstrip(os.sep) + os.sep):
+        src = os.path.relpath(src, run_dir)
+    keys = (ds.attrs.get("log_loss_key", "none"), ds.attrs.get("log_lr_key", "none"))
+    return f"{src} (loss: {keys[0]}, LR: {keys[1]})"
+
+
 def _value_at(m: dict[str, float], key: str) -> str:
     """'value @ step' for a metric with a ``<key>_step`` companion."""
     return f"{fmt(m.get(key, np.nan))} @ {fmt(m.get(f'{key}_step', np.nan))}"
@@ -80,6 +94,7 @@ SUMMARY_COLUMNS = [
     "hottest layers (mean T)",
     "equilibrated",
     "LR phases",
+    "training log (keys)",
 ]
 
 
@@ -101,6 +116,7 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
                 _hottest(ds),
                 _equilibrium_text(ds),
                 _phases_text(ds),
+                _log_text(ds),
             ]
         )
     intro = (
