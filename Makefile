@@ -24,8 +24,10 @@ demo: install
 	dvc repro
 	@echo "report: $(abspath data/report/index.html)"
 
-# the default (fast) suite plus the headless-Chromium report test
+# lint (ruff, config in pyproject.toml), then the default (fast) suite plus the headless-Chromium
+# report test
 test: install browser-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow and not benchmark"
 
 test-slow: install

@@ -280,9 +280,10 @@ def train_digits_run(
     ``learning_rate = lr_schedule(t)`` (the rate of the next update, as the HF Trainer logs
     it) and ``loss`` = full-batch training cross-entropy (nats/sample) of the weights saved at
     t (on the training labels SGD sees, noisy ones included when ``label_noise`` > 0, see
-    ``digits_dataset``), plus ``eval_loss``/``eval_accuracy`` on the clean test split. Checkpoints at step 0, every
-    ``checkpoint_every`` steps and at ``n_steps``. Training is fp32 on one thread; tensors are
-    cast to ``dtype`` (safetensors code) when saved. Same arguments -> identical files.
+    ``digits_dataset``), plus ``eval_loss``/``eval_accuracy`` on the clean test split.
+    Checkpoints at step 0, every ``checkpoint_every`` steps and at ``n_steps``. Training is
+    fp32 on one thread; tensors are cast to ``dtype`` (safetensors code) when saved. Same
+    arguments -> identical files.
     """
     out_dir = Path(out_dir)
     if not 0.0 <= label_noise < 1.0:

@@ -118,7 +118,10 @@ def write_trainer(
 
 
 def write_sharded(folder, tensors: dict[str, torch.Tensor], n_shards: int = 2) -> str:
-    """Shards ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``; returns the index."""
+    """Shards ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``.
+
+    Returns the index path.
+    """
     folder = Path(folder)
     names = list(tensors)
     weight_map = {}

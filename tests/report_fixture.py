@@ -87,7 +87,6 @@ def run_dataset(
         0.5,
         np.where(activation == "identity", 0.0, rng.uniform(0.1, 0.4, n_layers)),
     )
-    mean_t = np.nanmean(temp, axis=0) if n_steps > 1 else np.full(n_layers, np.nan)
     neighbour = np.concatenate([temp[:, 1:], np.full((n_steps, 1), np.nan)], axis=1)
     carnot = 1 - np.fmin(temp, neighbour) / np.fmax(temp, neighbour)
     total_work = np.abs(work).sum(axis=0)

@@ -1,6 +1,6 @@
 """Known-answer tests for pipeline.estimators.entropy.
 
-Tolerance: 0.01 nats at 10^6 values (SCIENCE.md validation). The estimator's sampling
+Tolerance: 0.01 nats at 10^6 values (METHODS.md quantity 1, Validation). The estimator's sampling
 standard deviation at n = 10^6 is ~7e-4 (Gaussian) / ~1.2e-3 (Laplace) / ~2e-5 (uniform),
 so 0.01 is > 8 sigma; a systematic bias of more than ~0.005 would still be caught.
 """

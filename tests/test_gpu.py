@@ -31,7 +31,7 @@ TOLERANCE = 1e-5  # largest difference relative to the statistic's scale (fp32 e
 
 
 def _task(tmp_path, dtype) -> BlockTask:
-    """A (ROWS, COLS) random walk in ``dtype`` with a NaN and an Inf at checkpoint 6, as one block."""
+    """A (ROWS, COLS) random walk in ``dtype``, a NaN and an Inf at checkpoint 6; one block."""
     _, files, steps = write_random_walk(
         tmp_path, (ROWS, COLS), N_CKPT, nan_at=(6, 3, 4), seed=7, dtype=dtype
     )

@@ -200,7 +200,7 @@ def test_failure_midway_leaves_old_report_byte_identical(store, report, tmp_path
     assert chunks
     for chunk in chunks:  # opens lazily, fails when the data are read (after the temp dir exists)
         chunk.write_bytes(b"\x00garbage" * 8)
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match=r"broken\.zarr: cannot read node 'lr_0\.04'"):
         render_report(broken, out)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -42,7 +42,7 @@ def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProc
 
 
 def js_errors(stderr: str) -> list[str]:
-    """Console messages and uncaught exceptions from Chromium's stderr log (the page logs nothing)."""
+    """Console messages and uncaught exceptions in Chromium's stderr (the page logs nothing)."""
     return [
         line for line in stderr.splitlines() if "Uncaught" in line or re.search(r":CONSOLE\b", line)
     ]

@@ -1,4 +1,5 @@
-"""SCIENCE.md validations THROUGH THE PIPELINE: files -> discovery -> Dask measure -> thermo -> Zarr.
+"""METHODS.md validations THROUGH THE PIPELINE: files -> discovery -> Dask measure -> thermo
+-> Zarr.
 
 Every test writes a checkpoint series with a known answer (``pipeline.simulate``,
 ``pipeline.demo`` or a direct safetensors writer below), runs ``pipeline.analyze.analyze`` on
@@ -77,7 +78,7 @@ def _plateau_windows(truth, steps, p, spacing):
 
 
 def _plateau_tables(truth, ds, spacing):
-    """(layers, plateaus): mean stored T over identifiable plateau windows, identifiable fraction."""
+    """(layers, plateaus): mean stored T over identifiable plateau windows; identifiable share."""
     temp, ident = ds.temperature.values, ds.temperature_identifiable.values.astype(bool)
     table, frac = np.full(truth.temperature.shape, np.nan), np.zeros(truth.temperature.shape)
     for p in range(len(truth.plateaus)):
@@ -233,7 +234,8 @@ def test_over_vs_under_parameterized_temperature(tmp_path, cluster):
     sweep = _analyze(tmp_path / "sweep", tmp_path, cluster)["sweep"].to_dataset()
     temp = dict(zip(sweep.run.values, sweep.run_temperature.values))
     print(
-        f"\n[over/under] run_temperature {temp}; over/under = {temp['over_0.05'] / temp['under_0.05']:.4f}"
+        f"\n[over/under] run_temperature {temp}; "
+        f"over/under = {temp['over_0.05'] / temp['under_0.05']:.4f}"
     )
     assert temp["under_0.05"] > 0 and temp["under_0.2"] > 2 * temp["under_0.05"]
     assert abs(temp["over_0.05"]) < 0.05 * temp["under_0.05"]
@@ -315,7 +317,7 @@ def test_first_law_closes_on_drifting_quadratic(tmp_path, cluster):
     assert abs(rel) < 0.05
 
 
-# ----------------------------------------------------------------------------- 6. state T, efficiency, equilibrium
+# ----------------------------------------------------- 6. state T, efficiency, equilibrium
 def _write_gaussian_series(folder, scales, energy, n=(64, 64), seed=0):
     """Flat series: two layers of fresh N(0, s_t^2) values at steps 0..len-1, log.csv loss."""
     folder.mkdir(parents=True)
@@ -349,8 +351,9 @@ def test_state_temperature_recovers_dE_dS(tmp_path, cluster):
 
 
 def test_efficiencies_on_trained_mlp(tmp_path, cluster):
-    """relu layers: work efficiency 0.5 to 1e-12 (quadrature rounding; any scale); identity 0 (to 1e-12); tanh equal
-    to the estimator at the layer's pre-activation scale; engine types; Carnot in [0, 1)."""
+    """relu layers: work efficiency 0.5 to 1e-12 (quadrature rounding; any scale); identity 0
+    (to 1e-12); tanh equal to the estimator at the layer's pre-activation scale; engine types;
+    Carnot in [0, 1)."""
     train_digits_run(
         tmp_path / "run",
         ConstantLR(0.1),
@@ -361,8 +364,10 @@ def test_efficiencies_on_trained_mlp(tmp_path, cluster):
     )
     ds = _only_run(_analyze(tmp_path / "run", tmp_path, cluster))
     eff = ds.work_efficiency
-    assert np.all(np.abs(eff.sel(layer="layers.0.weight").values - 0.5) < 1e-12)
-    assert np.all(np.abs(eff.sel(layer="layers.2.weight").values) < 1e-12)
+    relu_err = np.abs(eff.sel(layer="layers.0.weight").values - 0.5).max()
+    identity_err = np.abs(eff.sel(layer="layers.2.weight").values).max()
+    assert relu_err < 1e-12
+    assert identity_err < 1e-12
     tanh = ds.sel(layer="layers.1.weight")
     scale = preactivation_scale(tanh.weight_rms.values, int(tanh.fan_in))
     want = [work_efficiency("tanh", float(s)) for s in scale]
@@ -375,8 +380,8 @@ def test_efficiencies_on_trained_mlp(tmp_path, cluster):
     carnot = ds.carnot_efficiency.values
     assert np.all((carnot[np.isfinite(carnot)] >= 0) & (carnot[np.isfinite(carnot)] < 1))
     print(
-        f"\n[efficiency] relu max |eff - 0.5| {np.abs(eff.sel(layer='layers.0.weight').values - 0.5).max():.1e}, identity max "
-        f"{np.abs(eff.sel(layer='layers.2.weight').values).max():.1e}, tanh {tanh.work_efficiency.values[-1]:.4f}"
+        f"\n[efficiency] relu max |eff - 0.5| {relu_err:.1e}, identity max {identity_err:.1e}, "
+        f"tanh {tanh.work_efficiency.values[-1]:.4f}"
     )
 
 

@@ -1,4 +1,4 @@
-"""SCIENCE.md validation of the local temperature on simulated safetensors series.
+"""METHODS.md validation of the local temperature on simulated safetensors series.
 
 Bands are computed from the written files (``safetensors.torch.load_file`` + ``sq_distance_band``
 in checkpoint order, ``max_lag`` previous tensors kept), then ``diffusivity_from_band`` and

@@ -36,7 +36,9 @@ def stage_modules(stage: str) -> set[str]:
     """Modules the stage's script and its function in pipeline/stages.py import directly."""
     tree = ast.parse((PACKAGE_DIR / "stages.py").read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (stage, "run_stage")]
+    body = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (stage, "run_stage")
+    ]
     script = ast.parse((REPO / "stages" / f"{stage}.py").read_text())
     # pipeline.stages itself is the file below, not its closure (that holds every stage)
     return {m for m in _imports(top + body + [script]) if not m.startswith("pipeline.stages")}

@@ -206,7 +206,7 @@ def test_first_law_heating_is_positive():
     assert np.isnan(heat[0]) and heat[1] == 0 and heat[2] == pytest.approx(5 * (0.01 - 0.005))
 
 
-# ---------------------------------------------------------------- heat capacity, relaxation, schedules
+# ------------------------------------------------ heat capacity, relaxation, schedules
 
 
 def test_heat_capacity_quadratic_valley():

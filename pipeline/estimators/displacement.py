@@ -1,4 +1,4 @@
-"""Local temperature from checkpoint displacements (SCIENCE.md quantity 3).
+"""Local temperature from checkpoint displacements (METHODS.md quantity 3).
 
 Measurement primitive (streaming stage): the squared-distance band
 ``d2[t, k] = sum_i (theta_{t,i} - theta_{t-k,i})^2`` for lags ``k = 1..max_lag`` in checkpoint
@@ -23,7 +23,7 @@ ending at each checkpoint:
    mean-reversion term -kappa*s*t of the OU covariance, which is rank one in s.) That value,
    D0, is the reported diffusivity.
 
-Units: D in weight^2 / parameter / step; T = D / (2 lr) in loss units (SCIENCE.md).
+Units: D in weight^2 / parameter / step; T = D / (2 lr) in loss units (METHODS.md, Conventions).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _CHUNK = 1 << 16  # elements reduced in fp32 before the fp64 accumulation
 # identifiability thresholds (see METHODS.md for their calibration)
 MAX_RELATIVE_CORRECTION = 0.1  # |D0 - D(tau_1)| / D0 above this: spacing too coarse
 MIN_LAG_RATIO = 0.75  # D(tau_2) / D(tau_1) below this: MSD saturates between the first lags
-EVAL_LAG_STEPS = 0.0  # the D(tau) line is read at tau -> 0 (SCIENCE.md definition of D)
+EVAL_LAG_STEPS = 0.0  # the D(tau) line is read at tau -> 0 (METHODS.md: D = lim MSD/tau)
 
 
 def sq_distance_band(current: torch.Tensor, previous: list[torch.Tensor]) -> np.ndarray:
@@ -285,7 +285,7 @@ def window_learning_rate(
 
 
 def temperature_from_diffusivity(diffusivity, diffusivity_err, learning_rate):
-    """Temperature T = D / (2 lr) and its error, in loss units (Einstein relation, SCIENCE.md).
+    """Temperature T = D / (2 lr) and its error, in loss units (Einstein relation).
 
     Assumes the update theta -= lr * (grad + noise), so D = lr^2 sigma^2 = 2 lr T. For a window
     pass the window's mean LR (``window_learning_rate``). NaN where lr is unknown, <= 0 or

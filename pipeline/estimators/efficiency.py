@@ -1,4 +1,4 @@
-"""Heat-engine efficiencies of layers (Zhang, arXiv:2404.13218; SCIENCE.md quantity 8).
+"""Heat-engine efficiencies of layers (Zhang 2024, arXiv:2404.13218; METHODS.md quantity 8).
 
 (a) work_efficiency: the activation's work efficiency 1 - E[phi(z)^2] / E[z^2], z ~ N(0, s^2);
 (b) carnot_efficiency: the Carnot bound 1 - T_cold / T_hot between two layers;
@@ -186,7 +186,7 @@ def realized_efficiency(work, heat):
 
     Sign convention: `work` and `heat` are the magnitudes of the loss decrease attributed to
     the drift (systematic descent) and to the fluctuation part of the motion in the first-law
-    split (SCIENCE.md quantity 6), both counted positive when they lower the loss; with both
+    split (METHODS.md quantity 6), both counted positive when they lower the loss; with both
     >= 0 the result lies in [0, 1]. A fluctuation that raises the loss enters as heat < 0 and
     can push the ratio above 1. NaN where the denominator is ~0 (|work + heat| <=
     1e-12 (|work| + |heat|), including 0/0) or an input is not finite. numpy-vectorised.

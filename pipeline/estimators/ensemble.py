@@ -1,7 +1,7 @@
-"""Trajectory (ensemble) entropy of a window of checkpoints (SCIENCE.md quantity 5).
+"""Trajectory (ensemble) entropy of a window of checkpoints (METHODS.md quantity 5a).
 
-Source: Sadrtdinov, Klimov, Lobacheva & Vetrov (2025), "SGD as Free Energy Minimization"
-(seed 002): at a fixed learning rate SGD settles into a stationary distribution of weight
+Source: Sadrtdinov, Klimov, Lobacheva & Vetrov (2025), "SGD as Free Energy Minimization":
+at a fixed learning rate SGD settles into a stationary distribution of weight
 vectors whose entropy S enters F = U - T S. Here S is estimated from the checkpoints of one
 window at ~constant LR as a diagonal Gaussian of the per-coordinate fluctuations after a
 per-coordinate linear fit in the step (the fit removes the slow river drift):

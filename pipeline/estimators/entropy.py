@@ -1,4 +1,4 @@
-"""Differential entropy of a layer's weight-value distribution (SCIENCE.md quantity 1).
+"""Differential entropy of a layer's weight-value distribution (METHODS.md quantity 1).
 
 Units: nats per parameter. Estimator: the m-spacing estimator with its exact digamma bias
 correction (Vasicek 1976; Beirlant, Dudewicz, Gyorfi & van der Meulen 1997, "m_n-spacing

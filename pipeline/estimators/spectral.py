@@ -1,9 +1,9 @@
 """Spectral (matrix) entropy and stable rank of a weight matrix, WeightWatcher conventions.
 
-SCIENCE.md quantity 2. Both are dimensionless. The formulas follow WeightWatcher
+METHODS.md quantity 2. Both are dimensionless. The formulas follow WeightWatcher
 (CalculatedContent/WeightWatcher, weightwatcher/RMT_Util.py `matrix_rank`, `matrix_entropy`,
 `stable_rank`; weightwatcher.py `apply_norm_metrics`), so values can be cross-checked against
-that tool on the same matrix. See METHODS.md.
+that tool on the same matrix.
 
 A matrix with more than two dimensions is flattened to (shape[0], -1) (WeightWatcher instead
 splits Conv2D kernels into per-position slices; our reading is the whole-tensor matrix).

@@ -1,12 +1,12 @@
 """Derived thermodynamic quantities from already-measured per-step / per-layer values
-(SCIENCE.md quantities 4, 5, 6, 7, 9). Pure numpy functions: arrays in, numbers out.
+(METHODS.md quantities 4, 5, 6, 7, 9). Pure numpy functions: arrays in, numbers out.
 
-Conventions (SCIENCE.md): temperature T in loss units (equipartition: each valley direction
-carries T/2 of excess loss; for theta -= lr (grad + noise), T = lr sigma^2 / 2), diffusivity
-D = one-step mean squared displacement of the noise part per parameter (weight^2 / param /
-step), D = 2 lr T; entropies in nats; steps are optimizer steps. Sources: Zhang 2024 (seed
-000), Liu, Liu, Gore & Tegmark 2025 (seed 001), Sadrtdinov et al. 2025 (seed 002), the
-physicist's blog (seed 003). Readings and derivations: METHODS.md.
+Conventions (METHODS.md, Conventions): temperature T in loss units (equipartition: each
+valley direction carries T/2 of excess loss; for theta -= lr (grad + noise),
+T = lr sigma^2 / 2), diffusivity D = one-step mean squared displacement of the noise part per
+parameter (weight^2 / param / step), D = 2 lr T; entropies in nats; steps are optimizer steps.
+Sources: Zhang 2024; Liu, Liu, Gore & Tegmark 2025; Sadrtdinov et al. 2025; the blog essay.
+Readings and derivations: METHODS.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def state_temperature(energy_a, energy_b, entropy_a, entropy_b, min_abs_ds: floa
     E in loss units (e.g. logged loss), S in nats (the summed weight-distribution entropy),
     T in loss/nat. Vectorised (broadcasts over steps/layers); the sign is kept (a negative T
     means energy and entropy moved in opposite directions); NaN where |dS| <= min_abs_ds.
-    Source: seed 000 (Zhang 2024), SCIENCE.md quantity 4.
+    Source: Zhang 2024; METHODS.md quantity 4.
     """
     return _ratio(np.subtract(energy_b, energy_a), np.subtract(entropy_b, entropy_a), min_abs_ds)
 
@@ -50,7 +50,7 @@ def log_mean(t1, t2):
     """Logarithmic mean (t1 - t2) / ln(t1 / t2) (= t1 when equal; NaN unless both > 0).
 
     For a quadratic valley, dU/dS between stationary states at temperatures t1, t2 equals
-    log_mean(t1, t2) exactly (SCIENCE.md quantity 5). Units: those of t1, t2.
+    log_mean(t1, t2) exactly (METHODS.md quantity 5b). Units: those of t1, t2.
     """
     t1, t2 = np.broadcast_arrays(np.asarray(t1, dtype=float), np.asarray(t2, dtype=float))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -71,12 +71,13 @@ def free_energy_temperature(U, S, min_abs_ds: float = 1e-12) -> FreeEnergyTemper
     U: mean training loss of each stationary point (loss units); S: its entropy (nats, e.g.
     ``ensemble_entropy``). Point i is the minimiser of F among all points at its own T_i
     iff U_i - T_i S_i <= U_j - T_i S_j for all j, i.e.
-        max_{S_j < S_i} (U_i - U_j)/(S_i - S_j)  <=  T_i  <=  min_{S_j > S_i} (U_j - U_i)/(S_j - S_i).
+        max_{S_j < S_i} (U_i - U_j)/(S_i - S_j)  <=  T_i
+                                                 <=  min_{S_j > S_i} (U_j - U_i)/(S_j - S_i).
     For points on the lower convex hull of U(S) these are the chords dU/dS to the sorted
     neighbours. Estimate: geometric mean of the two bounds when both are positive (midpoint
     otherwise), the single bound at the ends, NaN where lower > upper (the point lies above
     the hull: no T makes it a free-energy minimum). Arrays are returned in input order.
-    Sources: seed 002 (Sadrtdinov et al. 2025), SCIENCE.md quantity 5.
+    Source: Sadrtdinov et al. 2025; METHODS.md quantity 5b.
     """
     U, S = np.asarray(U, dtype=float), np.asarray(S, dtype=float)
     dS = S[None, :] - S[:, None]  # [i, j] = S_j - S_i
@@ -97,7 +98,7 @@ def fit_power_law(lr, T):
 
     Returns (b, k, k_err): T = b * lr^k (b in units of T / lr^k), k dimensionless, k_err its
     standard error from the residuals (NaN with fewer than 3 points). NaN everywhere with
-    fewer than 2 usable points or a single distinct lr. SCIENCE.md quantity 5.
+    fewer than 2 usable points or a single distinct lr. METHODS.md quantity 5b.
     """
     lr, T = np.asarray(lr, dtype=float).ravel(), np.asarray(T, dtype=float).ravel()
     m = np.isfinite(lr) & np.isfinite(T) & (lr > 0) & (T > 0)
@@ -136,7 +137,7 @@ def first_law_split(
     (n_valley / 2) dT; f = ``valley_fraction`` = n_valley / n is NOT identifiable from
     displacements (default 1: every coordinate is a valley direction, an upper bound on
     |heat|). The gross heat input lr T tr(H) per step and the equal gross dissipation need
-    the curvature and are not computed. Sources: seed 001 (Liu et al. 2025), SCIENCE.md 6.
+    the curvature and are not computed. Source: Liu et al. 2025; METHODS.md quantity 6.
     """
     v2, D = np.asarray(drift_speed2, dtype=float), np.asarray(diffusivity, dtype=float)
     lr, dt = _along_steps(learning_rate, v2.ndim), _along_steps(dt_steps, v2.ndim)
@@ -154,7 +155,7 @@ def closure_error(work_by_layer, heat_by_layer, logged_dloss):
     Inputs (n_intervals, n_layers) from ``first_law_split`` and the logged loss change over
     each interval (n_intervals,), all in loss units. Zero when the layers' work and heat
     account for the logged change; divide by |logged dL| for a relative error. NaN where
-    any layer is NaN. SCIENCE.md quantity 6.
+    any layer is NaN. METHODS.md quantity 6.
     """
     predicted = (
         np.asarray(heat_by_layer, dtype=float) - np.asarray(work_by_layer, dtype=float)
@@ -162,7 +163,7 @@ def closure_error(work_by_layer, heat_by_layer, logged_dloss):
     return np.asarray(logged_dloss, dtype=float) - predicted
 
 
-# ---------------------------------------------------------------- heat capacity, conduction, schedules (7)
+# ------------------------------------------------ heat capacity, conduction, schedules (7)
 
 
 def heat_capacity(U, T):
@@ -171,7 +172,7 @@ def heat_capacity(U, T):
     U: mean loss of each plateau/run (loss units); T: its temperature (loss units), so C is
     dimensionless (a count of thermalised directions: n/2 for n quadratic valley directions).
     Returns (T_mid, C), arrays of length n_points - 1 (NaN where consecutive T are equal).
-    Source: seed 001 (Liu et al. 2025), SCIENCE.md quantity 7.
+    Source: Liu et al. 2025; METHODS.md quantity 7.
     """
     U, T = np.asarray(U, dtype=float), np.asarray(T, dtype=float)
     m = np.isfinite(U) & np.isfinite(T)
@@ -190,7 +191,7 @@ def relaxation_rate(steps, loss, change_step):
     Nonlinear least squares on the points with step >= change_step; returns (r, r_err), r_err
     the white-noise standard error from the fit covariance (it understates the error when
     the residuals are autocorrelated, as one run's loss is); (NaN, NaN) with < 4 points or
-    no convergence. Liu et al. (seed 001): the thermal loss of a valley of curvature a relaxes
+    no convergence. Liu et al. 2025: the thermal loss of a valley of curvature a relaxes
     at r ~ 2 lr a after the change (exactly -2 ln|1 - lr a| per SGD step), so a = r / (2 lr).
     """
     t = np.asarray(steps, dtype=float) - float(change_step)
@@ -216,7 +217,7 @@ def schedule_diagnostics(lr_by_run, final_loss, steps_by_run=None) -> dict:
     logged step when ``steps_by_run`` gives the steps: then lr_sum = sum_k lr_k (s_{k+1} - s_k),
     each logged LR held until the next log). final_loss: one value per run (loss units).
     Returns {"min_lr", "lr_sum" (per run), "coef" (a, b, c), "predicted", "residual", "rank"};
-    coef is NaN with fewer than 3 runs. Reading (seed 001): the river (slow) loss falls with
+    coef is NaN with fewer than 3 runs. Reading (Liu et al. 2025): the river (slow) loss falls with
     the distance travelled ~ lr_sum (first order in 1/lr_sum), the thermal (valley) loss left
     at the end is proportional to the final temperature ~ lr_min.
     """
@@ -260,8 +261,8 @@ def optimal_decay_loss_ratio(lr_schedule, curvature: float) -> float:
     noise sigma^2 has mean thermal loss l = sigma^2 u / 4, where u follows
     u' = (1 - lr a)^2 u + 2 a lr^2 (exact for SGD on a quadratic); both schedules start in
     equilibrium at lr_schedule[0] (u0 = 2 lr0 / (2 - lr0 a)). The decay minimising the final
-    thermal loss is greedy, lr_t = u_t / (a u_t + 2), i.e. ~ 1 / (a t + 2 / lr0) (Liu et al.
-    1/t decay, seed 001); since u' is increasing in u, greedy is optimal at every step, so the
+    thermal loss is greedy, lr_t = u_t / (a u_t + 2), i.e. ~ 1 / (a t + 2 / lr0) (the 1/t
+    decay of Liu et al. 2025); since u' is increasing in u, greedy is optimal at every step, so the
     ratio is >= 1 (= 1 for the optimal schedule). Independent of sigma^2. ``curvature`` can
     be taken from ``relaxation_rate``: a = r / (2 lr). Dimensionless.
     """
@@ -286,7 +287,7 @@ def _relative_trend(y: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def equilibrium(macro, msd, steps, window: int, rel_tol: float, min_msd: float = 0.0):
-    """Thermal equilibrium of one layer (blog, seed 003; SCIENCE.md quantity 9).
+    """Thermal equilibrium of one layer (the blog essay; METHODS.md quantity 9).
 
     macro: (n_steps, n_quantities) macroscopic state, e.g. rms, entropy, T (columns that are
     NaN at every step are ignored; a NaN inside a window makes that window non-stationary);

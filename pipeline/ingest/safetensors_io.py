@@ -176,7 +176,8 @@ def _entry(path: str, name: str, e) -> tuple[str, tuple[int, ...], tuple[int, in
     if end - begin != nbytes:
         raise InputError(
             path,
-            f"shape {tuple(shape)} x {dtype} needs {nbytes} bytes but data_offsets span {end - begin}",
+            f"shape {tuple(shape)} x {dtype} needs {nbytes} bytes "
+            f"but data_offsets span {end - begin}",
             name,
         )
     return dtype, tuple(shape), (begin, end)
@@ -235,7 +236,7 @@ def read_header(path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
 
 
 def read_metadata(path) -> dict[str, str]:
-    """The ``__metadata__`` string map of a safetensors file ({} when absent); validates the file."""
+    """The ``__metadata__`` string map of a safetensors file ({} when absent); validates it."""
     return dict(load_header(path).metadata)
 
 

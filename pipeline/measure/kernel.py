@@ -76,10 +76,10 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     ``spectral`` (n, 2) when on; ``ensemble_log_var`` / ``ensemble_frozen`` hold one value per
     completed window starting at or after the window containing ``resume_from``.
 
-    Cache blocking (CPU): the block is walked in slices of about ``slice_elems`` elements, each slice
-    streamed through all checkpoints before the next, so the slice's lag buffer stays in the CPU
-    cache while the band and the ensemble window are computed; each checkpoint byte is read
-    once. All statistics are additive over slices (``merge_partials``). With ``spectral`` a 2-D
+    Cache blocking (CPU): the block is walked in slices of about ``slice_elems`` elements, each
+    slice streamed through all checkpoints before the next, so the slice's lag buffer stays in
+    the CPU cache while the band and the ensemble window are computed; each checkpoint byte is
+    read once. All statistics are additive over slices (``merge_partials``). With ``spectral`` a 2-D
     layer is one block and its SVD metrics need the whole matrix: ``_spectral_series`` reads it
     once more per checkpoint into one buffer (the only second read; memory one fp32 copy plus
     the float64 Gram work, instead of a lag buffer of whole matrices).
@@ -190,8 +190,10 @@ def _measure_slice(
     space: _Workspace,
     block_pick: torch.Tensor,
 ) -> dict:
-    """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice);
-    ``block_pick``: the block's entropy subsample (``_block_sample``), of which the slice keeps its own.
+    """``measure_block``'s statistics for rows [start, stop) of the task's tensor (one slice).
+
+    ``block_pick``: the block's entropy subsample (``_block_sample``), of which the slice keeps
+    its own.
 
     Memory: the task's ``_Workspace`` (max(max_lag, ensemble_window) + 1 value slices and a
     ring of the last ``max_lag`` increments, ``_BandTracker``); the ensemble window is computed

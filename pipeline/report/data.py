@@ -35,15 +35,28 @@ def open_store(store_path: Path) -> xr.DataTree:
         raise InputError(store_path, f"cannot open as a Zarr DataTree: {exc}") from exc
 
 
-def split_tree(tree: xr.DataTree) -> tuple[dict, dict[str, xr.Dataset], xr.Dataset | None]:
-    """Root attrs, run datasets (nodes with a ``step`` dim, loaded) and the sweep dataset."""
+def split_tree(
+    tree: xr.DataTree, store_path: Path
+) -> tuple[dict, dict[str, xr.Dataset], xr.Dataset | None]:
+    """Root attrs, run datasets (nodes with a ``step`` dim) and the sweep dataset, loaded.
+
+    The store opens lazily, so damaged chunks surface here: an ``InputError`` naming the store
+    and the node (zarr's codecs raise assorted types).
+    """
     runs, sweep = {}, None
     for name, child in tree.children.items():
         ds = child.to_dataset()
+        if name != SWEEP and "step" not in ds.dims:
+            continue
+        try:
+            ds = ds.load()
+        except Exception as exc:
+            reason = f"cannot read node '{name}' ({type(exc).__name__}: {str(exc)[:120]})"
+            raise InputError(store_path, reason) from exc
         if name == SWEEP:
-            sweep = ds.load()
-        elif "step" in ds.dims:
-            runs[name] = ds.load()
+            sweep = ds
+        else:
+            runs[name] = ds
     return dict(tree.attrs), runs, sweep
 
 

@@ -30,9 +30,9 @@ from pipeline.report.sections import build_sections
 TITLE = "thermoscope report"
 
 
-def write_outputs(tree: xr.DataTree, folder: Path) -> None:
+def write_outputs(tree: xr.DataTree, store_path: Path, folder: Path) -> None:
     """Compute everything from the tree; write index.html, metrics.json and plots/ in ``folder``."""
-    attrs, runs, sweep = split_tree(tree)
+    attrs, runs, sweep = split_tree(tree, store_path)
     plots = folder / "plots"
     plots.mkdir()
     for name, df in plot_tables(runs, sweep).items():
@@ -71,7 +71,7 @@ def render_report(store_path, out_dir) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write_outputs(tree, tmp)
+        write_outputs(tree, store_path, tmp)
         install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

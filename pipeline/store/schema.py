@@ -90,7 +90,8 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "rounding_resolution": (
         "1",
-        "displacement variance between checkpoints over the storage dtype's ulp^2 (window mean; < 0.25: unresolved)",
+        "displacement variance between checkpoints over the storage dtype's ulp^2 "
+        "(window mean; < 0.25: unresolved)",
         "thermo.rounding_resolution",
     ),
     "temperature": (
@@ -165,7 +166,8 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "realized_efficiency": (
         "1",
-        "realized efficiency over the run: total work / (total work + total |heat|); NaN where total work <= 0 (drift unresolved)",
+        "realized efficiency over the run: total work / (total work + total |heat|); "
+        "NaN where total work <= 0 (drift unresolved)",
         "efficiency.realized_efficiency",
     ),
     "engine_type": (

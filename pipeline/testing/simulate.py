@@ -5,12 +5,12 @@ quadratic loss per layer, ``L_l = 1/2 y^T diag(h) y + g * y_0`` in the eigenbasi
 (theta - theta*), Q a random orthogonal matrix (so the curvature H = Q diag(h) Q^T is not
 diagonal in the saved coordinates), h log-spaced over ``curvature_decades`` decades, and one
 flat direction (h = 0) with constant gradient g (the drifting river direction). True
-temperature T_l = lr * sigma_l^2 / 2, diffusivity D_l = lr^2 sigma_l^2 (SCIENCE.md). The chain
-is advanced exactly in distribution between checkpoints (AR(1) per eigen-direction per
-constant-LR segment), so thousands of steps cost a few array operations.
+temperature T_l = lr * sigma_l^2 / 2, diffusivity D_l = lr^2 sigma_l^2 (METHODS.md,
+Conventions). The chain is advanced exactly in distribution between checkpoints (AR(1) per
+eigen-direction per constant-LR segment), so thousands of steps cost a few array operations.
 
 ``simulate_linear_regression_sgd``: minibatch SGD on least squares, over- or
-under-parameterized (free-energy / T -> 0 toy, seed 002).
+under-parameterized (free-energy / T -> 0 toy of Sadrtdinov et al. 2025).
 
 ``reference_band``: reads a written series with ``safetensors.torch.load_file`` and builds the
 squared-distance band with ``sq_distance_band`` (a reference for tests, not the pipeline's
@@ -256,9 +256,10 @@ def simulate_linear_regression_sgd(
     Data: x_i ~ N(0, I / n_features), y_i = x_i . w_true + label_noise * eps_i. With
     n_features > n_samples the model interpolates (every sample's gradient vanishes at the
     optimum, so gradient noise -> 0 and T -> 0); with n_features < n_samples the residuals
-    stay finite and SGD noise keeps T > 0 (seed 002). ``burn_in`` updates run before step 0's
-    checkpoint; the weight is saved as ``layers.0.weight`` of ``shape`` (default (n_features//32,
-    32) when divisible, else (1, n_features)). ``temperature`` is unknown (NaN) by design.
+    stay finite and SGD noise keeps T > 0 (Sadrtdinov et al. 2025). ``burn_in`` updates run
+    before step 0's checkpoint; the weight is saved as ``layers.0.weight`` of ``shape``
+    (default (n_features//32, 32) when divisible, else (1, n_features)). ``temperature`` is
+    unknown (NaN) by design.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
