@@ -1,10 +1,11 @@
-"""The benchmark script's functions on tiny sizes (fast), plus edge cases of the window ensemble
+"""The benchmark scripts' functions on tiny sizes (fast), plus edge cases of the window ensemble
 estimator the measure stage uses (its known-answer tests are in test_ensemble.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,66 +13,56 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import common, devices, floor, incremental, spectral, throughput
 from pipeline.estimators.ensemble import window_log_var_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_series_raw_rate_and_fit(tmp_path):
-    bench = _bench()
-    s = bench.Series(tmp_path / "s", 0.05, "bf16")
+    s = common.Series(tmp_path / "s", 0.05, "bf16")
     files = s.extend(3)
     assert len(files) == 3 and all(f.stat().st_size > 0 for f in files)
     from safetensors.torch import load_file
 
     a, b = load_file(files[0]), load_file(files[1])
     assert (
-        set(a) == set(bench.layer_shapes(0.05 * bench.MB, 2))
+        set(a) == set(common.layer_shapes(0.05 * common.MB, 2))
         and a["layers.0.mlp.up.weight"].dtype == torch.bfloat16
     )
     step = (b["layers.0.mlp.up.weight"].float() - a["layers.0.mlp.up.weight"].float()).std().item()
     assert step == pytest.approx(
         1e-3, rel=0.2
     )  # the random walk's step (bf16 rounding adds a little)
-    raw = bench.raw_read_rate(files, buffers=(4096, 65536), repeats=1)
+    raw = common.raw_read_rate(files, buffers=(4096, 65536), repeats=1)
     assert raw["bytes"] == sum(f.stat().st_size for f in files) and raw["raw_bytes_per_s"] > 0
     assert (
         raw["raw_bytes_per_s"] == max(raw["raw_by_buffer"].values())
         and len(raw["raw_by_buffer"]) == 2
     )
-    fit = bench.linear_fit([1, 2, 3], [3.0, 5.0, 7.0])
+    fit = common.linear_fit([1, 2, 3], [3.0, 5.0, 7.0])
     assert (
         fit["slope"] == pytest.approx(2.0)
         and fit["intercept"] == pytest.approx(1.0)
         and fit["r2"] == pytest.approx(1.0)
     )
-    e, r = bench.ww_formulas(np.diag([3.0, 4.0]))
+    e, r = spectral.ww_formulas(np.diag([3.0, 4.0]))
     p = np.array([9.0, 16.0]) / 25
     assert e == pytest.approx(-(p * np.log(p)).sum() / math.log(2)) and r == pytest.approx(25 / 16)
 
 
 def test_run_analyze_measures_wall_time_and_tree_memory(tmp_path):
-    bench = _bench()
-    s = bench.Series(tmp_path / "s", 0.05)
+    s = common.Series(tmp_path / "s", 0.05)
     s.extend(1)
-    r = bench.run_analyze(s.folder, tmp_path / "o.zarr", tmp_path / "c", workers=1)
+    r = common.run_analyze(s.folder, tmp_path / "o.zarr", tmp_path / "c", workers=1)
     assert r["wall_s"] > 0 and (tmp_path / "o.zarr").exists()
-    assert r["peak_anon_bytes"] > 10 * bench.MB  # python + torch + dask really ran in the tree
+    assert r["peak_anon_bytes"] > 10 * common.MB  # python + torch + dask really ran in the tree
     assert "analyze" in r["command"]
 
 
 @pytest.mark.slow  # two analyze subprocesses: ~30 s, more on a loaded machine
 def test_throughput_fields_on_a_tiny_series(tmp_path):
-    bench = _bench()
-    out = bench.throughput(tmp_path, 0.05, 2, "fp32", spectral=False, workers=1)
+    out = throughput.throughput(tmp_path, 0.05, 2, "fp32", spectral=False, workers=1)
     for key in ("raw_bytes_per_s", "bytes", "n_params"):
         assert out[key] > 0
     d = out["default"]
@@ -84,21 +75,20 @@ def test_throughput_fields_on_a_tiny_series(tmp_path):
         "wall_s_first_half",
     ):
         assert key in d and np.isfinite(d[key])
-    assert d["peak_anon_bytes"] > 10 * bench.MB  # python + torch + dask really ran in the tree
-    assert "throughput" in bench.format_tables({"throughput": out})
+    assert d["peak_anon_bytes"] > 10 * common.MB  # python + torch + dask really ran in the tree
+    assert "throughput" in throughput.format_throughput(out)
 
 
 @pytest.mark.slow  # three analyze subprocesses, or three dvc repro of four stages each
 @pytest.mark.parametrize("via", ["analyze", "dvc"])
 def test_incremental_reuses_the_cache_and_reports_net_ratios(tmp_path, via):
-    bench = _bench()
-    out = bench.incremental(tmp_path, 0.05, n=3, workers=1, via=via)
+    out = incremental.incremental(tmp_path, 0.05, n=3, workers=1, via=via)
     assert out["rerun_wall_s"] > 0 and out["startup_s"] > 0
     net_share = (out["full_wall_s"] - out["startup_s"]) / 3
     assert out["net_rerun_over_net_share"] == pytest.approx(
         (out["rerun_wall_s"] - out["startup_s"]) / net_share
     )
-    assert "net of the start-up" in bench.format_tables({"incremental": out})
+    assert "net of the start-up" in incremental.format_incremental(out)
 
 
 def test_window_log_var_sum_frozen_coordinates_and_too_few():
@@ -120,17 +110,15 @@ def test_window_log_var_sum_frozen_coordinates_and_too_few():
     reason="on a GPU machine benchmarks/gpu_check.sh runs the real comparison",
 )
 def test_devices_mode_times_cpu_and_reports_a_missing_gpu_in_one_line(tmp_path):
-    bench = _bench()
-    out = bench.devices(tmp_path, 0.05, 2, workers=1)
+    out = devices.devices(tmp_path, 0.05, 2, workers=1)
     assert out["runs"]["cpu"]["wall_s"] > 0 and out["gpu"] is None
     assert "no CUDA device is visible" in out["runs"]["cuda"]["error"]
-    table = bench.format_tables({"devices": out})
+    table = devices.format_devices(out)
     assert "cuda" in table and "failed:" in table
 
 
 def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
-    bench = _bench()
-    out = bench.floor(tmp_path, 0.5, 9)
+    out = floor.floor(tmp_path, 0.5, 9)
     kernels = out["kernels"]
     assert {
         "read (cache slices)",
@@ -147,4 +135,19 @@ def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
     # a resumed task reads max_lag = 8 earlier checkpoints besides the new one
     assert out["rerun_over_share"] > 1.0
     assert out["needed_per_core_ratio"] == pytest.approx(0.5 / out["cores"])
-    assert "floor" in bench.format_tables({"floor": out})
+    assert "floor" in floor.format_floor(out)
+
+
+@pytest.mark.parametrize("script", ["throughput", "incremental", "spectral", "devices", "floor"])
+def test_each_benchmark_script_runs_from_the_command_line(script):
+    """`python benchmarks/<script>.py --help`: the script finds its shared helpers when run as
+    a file from any directory (not only as ``benchmarks.<script>``)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--mode" in done.stdout and "--json" in done.stdout
