@@ -33,7 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DTYPES = {"fp32": ("F32", torch.float32, 4), "bf16": ("BF16", torch.bfloat16, 2)}
+from pipeline.ingest.safetensors_io import DTYPES, torch_dtype  # noqa: E402 (after sys.path)
+
+#: --dtype name -> safetensors code (torch dtype and item size come from the one dtype table)
+DTYPE_CODES = {"fp32": "F32", "bf16": "BF16"}
 MB = 1 << 20
 
 
@@ -87,7 +90,8 @@ class Series:
         self, folder: Path, size_mb: float, dtype: str = "fp32", n_blocks: int = 2, seed: int = 0
     ):
         self.folder, self.dtype = Path(folder), dtype
-        self.code, self.torch_dtype, self.itemsize = DTYPES[dtype]
+        self.code = DTYPE_CODES[dtype]
+        self.torch_dtype, self.itemsize = torch_dtype(self.code), DTYPES[self.code].itemsize
         self.folder.mkdir(parents=True, exist_ok=True)
         self.gen = torch.Generator().manual_seed(seed)
         self.state = {
@@ -355,7 +359,7 @@ def parser(
     )
     p.add_argument("--size", type=float, default=default_size, help="MB per checkpoint")
     p.add_argument("--checkpoints", type=int, default=8)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPE_CODES), default="fp32")
     p.add_argument("--workers", type=int, default=None)
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--threads", action="store_true", help="pass --threads to analyze")
