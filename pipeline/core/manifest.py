@@ -12,12 +12,34 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
+class TensorSource:
+    """How a virtual tensor is computed instead of read: a LoRA update of one adapted module.
+
+    Rows [a, b) are ``scale * (B @ A)[a:b]`` (``(B @ A).T`` when ``fan_in_fan_out``: the base
+    weight is stored (in, out), GPT-2's Conv1D), plus ``W0[a:b]`` of ``base_name`` in
+    ``base_file`` when a base model is given. ``lora_a`` / ``lora_b`` are tensor names in the
+    checkpoint's own (adapter) file; ``base_digest`` identifies the base file's header, size
+    and mtime (the measure cache keys on it)."""
+
+    lora_a: str
+    lora_b: str
+    rank: int  # r: rows of A
+    scale: float
+    fan_in_fan_out: bool = False
+    base_file: str | None = None
+    base_name: str | None = None
+    base_digest: str | None = None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """One named parameter tensor as declared in a safetensors header."""
+    """One named parameter tensor as declared in a safetensors header, or a virtual tensor
+    computed from stored ones (``source``; the LoRA update dW or W0 + dW of a module)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code: "F32", "F16", "BF16", "F64", ...
+    source: TensorSource | None = None
 
     @property
     def n_params(self) -> int:
@@ -97,12 +119,15 @@ class Manifest:
                     name=r["name"],
                     path=r["path"],
                     checkpoints=[Checkpoint(**c) for c in r["checkpoints"]],
-                    tensors=[
-                        TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in r["tensors"]
-                    ],
+                    tensors=[_tensor_info(t) for t in r["tensors"]],
                     log=TrainingLog(**r["log"]),
                     activations=r["activations"],
                 )
             )
         skipped = [tuple(s) for s in raw.get("skipped", [])]
         return cls(root=raw["root"], runs=runs, skipped=skipped)
+
+
+def _tensor_info(t: dict) -> TensorInfo:
+    source = TensorSource(**t["source"]) if t.get("source") else None
+    return TensorInfo(t["name"], tuple(t["shape"]), t["dtype"], source)

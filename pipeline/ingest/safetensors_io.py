@@ -301,6 +301,19 @@ def read_rows(
     return t.to(torch.float32).contiguous()
 
 
+def read_block(
+    path: str, tensor: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``tensor`` in checkpoint file ``path`` as float32: stored
+    tensors through ``read_rows``, virtual ones (``tensor.source``: a LoRA update) computed by
+    ``lora.lora_rows`` from the file's adapter tensors. The one read the measurement calls."""
+    if tensor.source is None:
+        return read_rows(path, tensor.name, start, stop, out=out)
+    from pipeline.ingest.lora import lora_rows  # lora reads through read_rows: no import cycle
+
+    return lora_rows(path, tensor, start, stop, out=out)
+
+
 def _read_into(path: str, name: str, offset: int, dtype: str, out: torch.Tensor) -> torch.Tensor:
     """Read ``out.numel()`` values of ``dtype`` at byte ``offset`` into the float32 ``out``."""
     import torch

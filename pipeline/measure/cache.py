@@ -35,9 +35,9 @@ class LayerCache:
         self.root = Path(root) / digest
 
     def _path(self, run: Run, tensor: TensorInfo) -> Path:
-        key = hashlib.sha256(f"{tensor.name}|{tensor.shape}|{tensor.dtype}".encode()).hexdigest()[
-            :12
-        ]
+        # a virtual tensor's source (LoRA scale, base model file and its digest) is its identity
+        ident = f"{tensor.name}|{tensor.shape}|{tensor.dtype}|{tensor.source or ''}"
+        key = hashlib.sha256(ident.encode()).hexdigest()[:12]
         return self.root / run.name.replace("/", "_") / f"{key}.npz"
 
     def load(self, run: Run, tensor: TensorInfo) -> tuple[dict | None, int]:

@@ -31,7 +31,7 @@ from pipeline.estimators.entropy import (
     entropy_subsample_indices,
     gaussian_entropy,
 )
-from pipeline.ingest.safetensors_io import read_rows, torch_dtype
+from pipeline.ingest.safetensors_io import read_block, torch_dtype
 from pipeline.settings import MeasureSettings
 
 
@@ -125,7 +125,7 @@ def _spectral_series(task: BlockTask, finite: np.ndarray, device: str) -> np.nda
     buffer = torch.empty(task.tensor.n_params, dtype=torch.float32)
     for j, i in enumerate(range(first, len(task.files))):
         if finite[j]:
-            matrix = read_rows(task.files[i], task.tensor.name, task.start, task.stop, out=buffer)
+            matrix = read_block(task.files[i], task.tensor, task.start, task.stop, out=buffer)
             out[j] = _spectral(matrix.reshape(task.stop - task.start, -1).to(device))
     return out
 
@@ -174,11 +174,9 @@ class _Workspace:
         n = (stop - start) * task.tensor.row_elems
         target = self.values[slot, :n]
         if self.staging is None:
-            return read_rows(task.files[i], task.tensor.name, start, stop, out=target).reshape(-1)
+            return read_block(task.files[i], task.tensor, start, stop, out=target).reshape(-1)
         return target.copy_(
-            read_rows(task.files[i], task.tensor.name, start, stop, out=self.staging[:n]).reshape(
-                -1
-            )
+            read_block(task.files[i], task.tensor, start, stop, out=self.staging[:n]).reshape(-1)
         )
 
 
