@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable checkpoints, record why"
     )
+    a.add_argument(
+        "--base-model",
+        default=None,
+        help="LoRA adapter series: the base model's safetensors file or folder "
+        "(layers = W0 + dW; without it the update dW alone)",
+    )
+    a.add_argument(
+        "--lora-raw", action="store_true", help="LoRA adapter series: also the raw A and B"
+    )
     a.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     a.add_argument(
         "--workers", type=int, default=None, help="local cluster size (default: one per core)"
@@ -104,7 +113,10 @@ def _settings(args):
     return replace(
         settings,
         checkpoints=replace(
-            settings.checkpoints, skip_bad=args.skip_bad or settings.checkpoints.skip_bad
+            settings.checkpoints,
+            skip_bad=args.skip_bad or settings.checkpoints.skip_bad,
+            base_model=args.base_model or settings.checkpoints.base_model,
+            lora_raw=args.lora_raw or settings.checkpoints.lora_raw,
         ),
         measure=replace(settings.measure, spectral=args.spectral or settings.measure.spectral),
         dask=replace(
@@ -120,10 +132,11 @@ def _analyze(args, progress) -> dict:
     from pipeline.ingest.discovery import discover
 
     settings = _settings(args)
-    skip = settings.checkpoints.skip_bad
+    ck = settings.checkpoints
+    skip = ck.skip_bad
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
-    manifest = discover(args.path, skip_bad=skip)
+    manifest = discover(args.path, skip, ck.base_model, ck.lora_raw)
     # worker processes may be forked: start their imports now, beside this process's
     forkserver.start_early(settings.dask)
 

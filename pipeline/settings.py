@@ -26,6 +26,11 @@ class CheckpointSettings:
     dir: str = "data/demo"
     # skip unreadable checkpoints (recorded in the store) instead of failing
     skip_bad: bool = False
+    # LoRA adapter series: the base model's safetensors file or folder (layers are W0 + dW);
+    # None: the adapted layers are the update dW alone
+    base_model: str | None = None
+    # LoRA adapter series: also analyse the raw A and B of each adapted module
+    lora_raw: bool = False
 
 
 @dataclass(frozen=True)

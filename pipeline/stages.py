@@ -25,7 +25,8 @@ def index(settings: Settings) -> None:
         from pipeline.demo import make_demo
 
         make_demo(source)
-    manifest = discover(source, skip_bad=settings.checkpoints.skip_bad)
+    ck = settings.checkpoints
+    manifest = discover(source, ck.skip_bad, ck.base_model, ck.lora_raw)
     write_text(Path(settings.paths.manifest), manifest.to_json())
 
 

@@ -18,6 +18,7 @@ from pipeline.ingest.lora import (
     read_adapter_config,
 )
 from pipeline.ingest.safetensors_io import read_block, tensor_infos
+from pipeline.testing.compare import relative_difference
 
 # float32 matmul of a rank-4 product: PEFT merges with the same fp32 arithmetic in another
 # order, so the two agree to a few ulps of the weights
@@ -104,3 +105,98 @@ def test_bad_adapter_config_and_missing_base_weight(tmp_path, series):
     save_file({"unrelated.weight": torch.zeros(3, 3)}, str(other))
     with pytest.raises(InputError, match="no base weight for the adapted module 'fc1'"):
         _layers(ckpt, other)
+
+
+# ------------------------------------------------------------------ end to end
+
+MEASURED = ("weight_mean", "weight_rms", "weight_entropy", "sq_distance", "msd")
+
+
+@pytest.fixture(scope="module")
+def linear_series(tmp_path_factory):
+    """The Linear fine-tune, plus PEFT's merged weights at every saved step written as a plain
+    flat series (the reference: what a full fine-tune's checkpoints would hold)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("lora_e2e")
+    run, base_file, base = lf.write_lora_series(root)
+    (root / "merged").mkdir()
+    for ckpt in sorted(run.glob("checkpoint-*")):
+        merged = lf.merged_weights(base, ckpt)
+        step = int(ckpt.name.split("-")[1])
+        weights = {k: merged[k].contiguous() for k in ("fc1.weight", "fc2.weight")}
+        save_file(weights, str(root / "merged" / f"step_{step:04d}.safetensors"))
+    return run, base_file, root / "merged"
+
+
+def _node(store):
+    import xarray as xr
+
+    tree = xr.open_datatree(store, engine="zarr")
+    (name,) = list(tree.children)
+    return tree[name].to_dataset()
+
+
+def test_series_analysed_end_to_end(tmp_path, linear_series, dask_cluster):
+    """analyze() on the adapter series with the base model gives the store of the merged
+    checkpoints; without the base, the layers are dW, labelled as such; lora_raw adds A, B."""
+    from pipeline.analyze import analyze
+    from pipeline.ingest.discovery import discover
+    from pipeline.settings import ClusterSettings, MeasureSettings
+
+    run, base_file, merged = linear_series
+    settings = MeasureSettings(max_lag=2, entropy_sample=512, ensemble_window=4, block_elems=256)
+    cluster = ClusterSettings(scheduler_address=dask_cluster.scheduler_address)
+    full = _node(analyze(run, tmp_path / "full.zarr", settings, cluster, base_model=base_file))
+    ref = _node(analyze(merged, tmp_path / "ref.zarr", settings, cluster))
+    assert list(full.layer.values) == ["fc1.weight", "fc2.weight"] == list(ref.layer.values)
+    assert list(full.step.values) == list(range(3, 25, 3)) == list(ref.step.values)
+    assert list(full.lora_part.values) == ["W0+dW", "W0+dW"]
+    assert full.attrs["lora_base"] == str(base_file)
+    assert full.attrs["log_loss_key"] == "loss" and bool((full.learning_rate == 0.01).all())
+    for var in MEASURED:  # NaN pattern equal, finite values within float32 rounding
+        err = relative_difference(full[var].values, ref[var].values)
+        print(f"{var}: LoRA W0+dW store vs merged-checkpoint store, relative difference {err:.1e}")
+        assert err <= 1e-5, (var, err)
+    assert "temperature" in full  # the log's LR gives temperatures
+    delta = discover(run, lora_raw=True).runs[0]
+    names = [t.name for t in delta.tensors]
+    assert names == [
+        "fc1.delta_weight",
+        "base_model.model.fc1.lora_A.weight",
+        "base_model.model.fc1.lora_B.weight",
+        "fc2.delta_weight",
+        "base_model.model.fc2.lora_A.weight",
+        "base_model.model.fc2.lora_B.weight",
+    ]
+    dw = _node(analyze(run, tmp_path / "dw.zarr", settings, cluster, lora_raw=True))
+    assert list(dw.layer.values) == names
+    assert list(dw.lora_part.values) == ["dW", "A", "B"] * 2
+    assert dw.attrs["lora_base"].startswith("none")
+    from pipeline.report.render import render_report
+
+    page = render_report(tmp_path / "dw.zarr", tmp_path / "report").read_text()
+    assert "LoRA adapters, base model none (the adapted layers are the update dW alone)" in page
+    assert "fc1.delta_weight" in page
+    # the update's displacements are the merged weights' (W0 is constant): same msd
+    err = float(abs(dw.msd.sel(layer="fc1.delta_weight") - ref.msd.sel(layer="fc1.weight")).max())
+    assert err <= 1e-5 * float(ref.msd.sel(layer="fc1.weight").max())
+
+
+def test_inconsistent_or_missing_adapter_config(tmp_path, linear_series):
+    import shutil
+
+    from pipeline.ingest.discovery import discover
+
+    run, _, _ = linear_series
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = copy / "checkpoint-6" / ADAPTER_CONFIG
+    changed = json.loads(cfg.read_text()) | {"lora_alpha": 16}
+    cfg.write_text(json.dumps(changed))
+    with pytest.raises(InputError, match="LoRA scale or layout differs"):
+        discover(copy)
+    cfg.unlink()
+    with pytest.raises(InputError, match="no adapter_config.json") as e:
+        discover(copy)
+    assert "checkpoint-6" in str(e.value)

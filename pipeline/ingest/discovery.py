@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
+from pipeline.ingest.lora import adapt_run, load_base_model
 from pipeline.ingest.safetensors_io import Header, is_float_dtype, load_header
 from pipeline.ingest.training_log import (
     config_path,
@@ -387,8 +388,13 @@ def scan(path) -> Scan:
     return out
 
 
-def discover(path, skip_bad: bool = False) -> Manifest:
+def discover(path, skip_bad: bool = False, base_model=None, lora_raw: bool = False) -> Manifest:
     """Manifest of every run under ``path`` (headers and logs only).
+
+    A run of PEFT adapter checkpoints (``adapter_config.json`` beside each
+    ``adapter_model.safetensors``) gets one layer per adapted module (``lora.adapt_run``):
+    W0 + dW with ``base_model`` (the base model's safetensors file or folder), else dW alone;
+    ``lora_raw`` adds the raw A and B.
 
     Raises ``InputError`` for the first problem found (the message says how many more there
     are). With ``skip_bad=True``, unusable checkpoints (bad header, duplicate or unparseable
@@ -403,4 +409,6 @@ def discover(path, skip_bad: bool = False) -> Manifest:
         suffix = f" (+{more} more problems; `thermoscope check` lists them all)" if more else ""
         raise InputError(first.path, first.reason + suffix, first.tensor)
     skipped = [(p.path, p.text()) for p in s.problems] + s.ignored
-    return Manifest(root=s.root, runs=s.runs, skipped=skipped)
+    base = load_base_model(base_model) if base_model else None
+    runs = [adapt_run(run, base, lora_raw) for run in s.runs]
+    return Manifest(root=s.root, runs=runs, skipped=skipped)

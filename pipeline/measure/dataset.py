@@ -10,6 +10,7 @@ import xarray as xr
 
 from pipeline import __version__
 from pipeline.core.manifest import Manifest, Run
+from pipeline.ingest.lora import lora_part
 from pipeline.settings import MeasureSettings
 from pipeline.store.zarr_io import annotate, node_name
 
@@ -76,7 +77,15 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     )
     coords["log_step"] = np.asarray(run.log.step, dtype=np.int64)
     coords["fan_in"] = ("layer", np.array([t.row_elems for t in run.tensors]))
+    parts = [lora_part(t) for t in run.tensors]
+    if any(parts):  # a LoRA adapter series: what each layer is (W0+dW, dW, A, B, "" stored)
+        coords["lora_part"] = ("layer", np.array(parts, dtype=str))
     ds = xr.Dataset(per_step, coords=coords)
+    if any(parts):
+        bases = sorted({t.source.base_file for t in run.tensors if t.source and t.source.base_file})
+        ds.attrs["lora_base"] = (
+            ", ".join(bases) or "none (the adapted layers are the update dW alone)"
+        )
     ds.attrs.update(
         run=run.name,
         path=run.path,

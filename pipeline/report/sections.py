@@ -128,6 +128,9 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
             f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
             f"{fmt(float(sweep['fit_k'].values))}."
         )
+    for run, ds in runs.items():
+        if "lora_base" in ds.attrs:  # a LoRA adapter series: say what its adapted layers are
+            intro += f" {esc(run)}: LoRA adapters, base model {esc(ds.attrs['lora_base'])}."
     table = table_html(SUMMARY_COLUMNS, rows, "summary") if rows else note("The store has no runs.")
     return Section("summary", "Summary", intro + "</p>" + table)
 
