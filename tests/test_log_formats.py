@@ -167,3 +167,49 @@ def test_bad_dvclive_value_names_the_tsv(tmp_path):
     with pytest.raises(InputError, match="expected a number") as e:
         read_training_log(tmp_path)
     assert "loss.tsv" in str(e.value)
+
+
+def test_hf_trainer_logs(tmp_path, monkeypatch):
+    """A real Hugging Face Trainer run (tiny GPT-2, 4 steps) reporting to TensorBoard and
+    DVCLive: trainer_state.json is used first; its TensorBoard log gives the same steps and
+    losses under train/loss (not the end-of-training average train/train_loss); its DVCLive
+    log counts log calls, not training steps, and its train/loss is the average, so the
+    per-step key loss is chosen."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    monkeypatch.chdir(tmp_path)  # HF's DVCLive callback writes ./dvclive
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
+    ids = torch.randint(0, 64, (32, 16))
+    args = TrainingArguments(
+        str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_steps=2,
+        report_to=["tensorboard", "dvclive"],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(
+        model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids]
+    ).train()
+    state = read_training_log(tmp_path / "out")
+    assert state.source.endswith("checkpoint-4/trainer_state.json")
+    assert state.step == [1, 2, 3, 4] and (state.loss_key, state.lr_key) == (
+        "loss",
+        "learning_rate",
+    )
+    for ckpt in (tmp_path / "out").glob("checkpoint-*"):
+        (ckpt / "trainer_state.json").unlink()
+    tb = read_training_log(tmp_path / "out")
+    assert tb.source.startswith(str(tmp_path / "out" / "runs")) and "tfevents" in tb.source
+    assert (tb.loss_key, tb.lr_key) == ("train/loss", "train/learning_rate")
+    assert tb.step == state.step
+    assert tb.loss == pytest.approx(state.loss, rel=1e-6)
+    assert tb.learning_rate == pytest.approx(state.learning_rate, rel=1e-6)
+    live = read_training_log(tmp_path)  # ./dvclive
+    assert (live.loss_key, live.lr_key) == ("loss", "learning_rate")
+    assert live.step == [0, 1, 2, 3] and live.loss == pytest.approx(state.loss, rel=1e-6)

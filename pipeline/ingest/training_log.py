@@ -35,9 +35,11 @@ from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo, TrainingLog
 
 STEP_KEYS = ("step", "global_step", "trainer/global_step")
-# Names of the training loss and learning rate in the loggers we know, most specific first.
-# HF Trainer: loss / learning_rate (trainer_state), train/loss / train/learning_rate (TensorBoard,
-# DVCLive); Lightning: train_loss (+ _step when logged on step and epoch), lr-<Optimizer>.
+# Names of the training loss and learning rate in the loggers we know, in priority order.
+# HF Trainer: loss / learning_rate (trainer_state, DVCLive), train/loss / train/learning_rate
+# (TensorBoard); Lightning: train_loss (+ _step when logged on step and epoch), lr-<Optimizer>.
+# Not listed: HF's end-of-training average loss (train/train_loss in TensorBoard); in HF's
+# DVCLive log that average is train/loss beside the per-step loss, which wins being listed first.
 LOSS_KEYS = (
     "loss",
     "train_loss",
@@ -45,7 +47,6 @@ LOSS_KEYS = (
     "train_loss_step",
     "train/loss_step",
     "training_loss",
-    "train/train_loss",
     "loss_step",
 )
 LR_KEYS = (
