@@ -9,6 +9,7 @@ it: ``checkpoint-<step>/adapter_model.safetensors`` + ``adapter_config.json`` ev
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ class TinyMLP(torch.nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+@functools.lru_cache(maxsize=1)
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
@@ -39,6 +41,16 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(model, params, steps: int, lr: float, on_step=None, seed: int = 0) -> None:
+    """AdamW on digits batches of 64, on one thread (a tiny model: threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _steps(model, params, steps, lr, on_step, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps(model, params, steps: int, lr: float, on_step, seed: int) -> None:
     x, y = digits()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr)
@@ -53,10 +65,16 @@ def _train(model, params, steps: int, lr: float, on_step=None, seed: int = 0) ->
 
 
 def write_lora_series(
-    root, kind: str = "linear", rslora: bool = False, steps: int = 24, every: int = 3
+    root,
+    kind: str = "linear",
+    rslora: bool = False,
+    steps: int = 24,
+    every: int = 3,
+    patterns: bool = False,
 ) -> tuple[Path, Path, TinyMLP]:
     """(run folder, base model file, base model). The base is pre-trained 30 steps, then
-    LoRA (r=4, alpha=8 on fc1 and fc2) trains ``steps`` steps with AdamW at 1e-2, saving the
+    LoRA (r=4, alpha=8 on fc1 and fc2; ``patterns``: fc2 with r=2, alpha=32 through PEFT's
+    rank_pattern / alpha_pattern) trains ``steps`` steps with AdamW at 1e-2, saving the
     adapter every ``every`` steps and logging loss and learning rate to log.csv."""
     from peft import LoraConfig, get_peft_model
 
@@ -73,6 +91,8 @@ def write_lora_series(
         target_modules=["fc1", "fc2"],
         use_rslora=rslora,
         fan_in_fan_out=kind == "conv1d",
+        rank_pattern={"fc2": 2} if patterns else {},
+        alpha_pattern={"fc2": 32} if patterns else {},
     )
     model = get_peft_model(copy.deepcopy(base), config)
     run = root / "run"

@@ -25,12 +25,19 @@ from pipeline.testing.compare import relative_difference
 REL_TOL = 1e-6
 
 
-@pytest.fixture(scope="module", params=[("linear", False), ("linear", True), ("conv1d", False)])
+SERIES = [  # (kind, rslora, rank/alpha patterns)
+    ("linear", False, False),
+    ("linear", True, False),
+    ("conv1d", False, False),
+    ("linear", False, True),
+]
+
+
+@pytest.fixture(scope="module", params=SERIES, ids=["lora", "rslora", "conv1d", "patterns"])
 def series(request, tmp_path_factory):
-    kind, rslora = request.param
-    root = tmp_path_factory.mktemp(f"lora_{kind}_{rslora}")
-    run, base_file, base = lf.write_lora_series(root, kind=kind, rslora=rslora)
-    return run, base_file, base
+    kind, rslora, patterns = request.param
+    root = tmp_path_factory.mktemp(f"lora_{kind}_{rslora}_{patterns}")
+    return lf.write_lora_series(root, kind=kind, rslora=rslora, patterns=patterns)
 
 
 def _layers(ckpt, base_file=None, raw=False):
@@ -76,13 +83,16 @@ def test_scale_and_labels(series):
     run, base_file, _ = series
     ckpt = sorted(run.glob("checkpoint-*"))[0]
     cfg = json.loads((ckpt / ADAPTER_CONFIG).read_text())
-    want = 8 / math.sqrt(4) if cfg["use_rslora"] else 8 / 4
     layers = _layers(ckpt, raw=True)
-    virtual = [t for t in layers if t.source]
-    assert all(t.source.scale == want for t in virtual)
+    virtual = {t.name.split(".")[0]: t for t in layers if t.source}
+    for module, t in virtual.items():
+        r = cfg["rank_pattern"].get(module, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(module, cfg["lora_alpha"])
+        assert t.source.rank == r
+        assert t.source.scale == (alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r)
     assert [lora_part(t) for t in layers[:3]] == ["dW", "A", "B"]
     assert lora_part(_layers(ckpt, base_file)[0]) == "W0+dW"
-    fc1 = next(t for t in virtual if t.name.startswith("fc1"))
+    fc1 = virtual["fc1"]
     assert fc1.shape == ((64, 32) if cfg["fan_in_fan_out"] else (32, 64))
 
 
