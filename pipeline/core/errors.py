@@ -19,3 +19,7 @@ class InputError(ThermoscopeError):
         self.tensor = tensor
         where = f"{self.path}: tensor '{tensor}'" if tensor else self.path
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        # rebuilt from its parts when it crosses a process boundary (a Dask worker's read error)
+        return (type(self), (self.path, self.reason, self.tensor))

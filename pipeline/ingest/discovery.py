@@ -1,12 +1,17 @@
 """Scan a checkpoint folder into a ``Manifest``, reading safetensors headers only.
 
-Layouts (see METHODS.md):
+Layouts (see METHODS.md and the README's table of accepted inputs):
   (a) flat: ``*.safetensors`` files in one folder; the step is ``__metadata__["step"]`` when
       present, else the number after ``step`` in the file name, else its last integer;
-  (b) Hugging Face Trainer: ``checkpoint-<step>/model.safetensors``, or shards listed by
-      ``checkpoint-<step>/model.safetensors.index.json``;
+  (b) checkpoint folders (``layouts.FOLDER_PATTERNS``: ``checkpoint-<step>/``, ``step_<N>/``,
+      ``stepN-unsharded/``, ``global_stepN/``, ``checkpoint-N-epoch-M/``, Accelerate's
+      ``checkpoints/checkpoint_<i>/``) holding ``model.safetensors``, any ``*.safetensors``,
+      or shards listed by ``model.safetensors.index.json``; the step comes from the folder
+      name, else ``trainer_state.json``, else ``__metadata__``;
   (c) sweep: a folder whose subfolders are runs in layout (a) or (b).
-A folder that itself holds checkpoints is one run named after the folder.
+A folder that itself holds checkpoints is one run named after the folder. Folders may be URLs
+(``remote``): the same code lists them and reads headers with byte-range requests. Weights in
+another format (pickles, ZeRO shards, .distcp) are named with the command that converts them.
 
 ``scan`` never raises: it collects every problem as a ``Problem``. ``discover`` raises the first
 one as ``InputError`` (or, with ``skip_bad``, drops the affected checkpoints and lists them in
@@ -17,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
+from pipeline.ingest import layouts, remote
 from pipeline.ingest.lora import adapt_run, load_base_model
 from pipeline.ingest.safetensors_io import Header, is_float_dtype, load_header
 from pipeline.ingest.training_log import (
@@ -34,7 +39,6 @@ from pipeline.ingest.training_log import (
 )
 
 INDEX_NAME = "model.safetensors.index.json"
-_TRAINER_DIR = re.compile(r"^checkpoint[-_](.*)$")
 _STEP_IN_NAME = re.compile(r"step[^0-9a-z]*(\d+)", re.IGNORECASE)
 
 
@@ -46,7 +50,7 @@ def natural_key(s: str) -> list:
 def step_from_name(filename: str) -> int | None:
     """Step encoded in a checkpoint file name: the number after ``step`` if any, else the last
     integer (``epoch3-step100`` -> 100, ``ckpt-100`` -> 100, ``100.safetensors`` -> 100)."""
-    stem = os.path.basename(filename).removesuffix(".safetensors")
+    stem = remote.basename(filename).removesuffix(".safetensors")
     found = _STEP_IN_NAME.findall(stem) or re.findall(r"\d+", stem)
     return int(found[-1]) if found else None
 
@@ -71,12 +75,14 @@ class Problem:
 
 @dataclass
 class _Ckpt:
-    """A checkpoint candidate: ``label`` is its file (flat) or folder (Trainer)."""
+    """A checkpoint candidate: ``label`` is its file (flat) or folder; ``note`` says where a
+    step not taken from the name came from."""
 
     step: int
     label: str
     tensors: dict[str, tuple[TensorInfo, str]]  # float tensors: name -> (info, file)
     header_hash: str
+    note: str = ""
 
 
 @dataclass
@@ -93,51 +99,41 @@ class Scan:
     run_dirs: list[str] = field(default_factory=list)
 
 
-def _listdir(d: str) -> list[str]:
-    try:
-        return sorted((n for n in os.listdir(d) if not n.startswith(".")), key=natural_key)
-    except OSError:
-        return []
+def _listdir(d: str) -> list[remote.Entry]:
+    return sorted(remote.entries(d), key=lambda e: natural_key(e.name))
 
 
 def _flat_files(d: str) -> list[str]:
     """``*.safetensors`` entries of ``d``: files, and folders so that a folder named like a
     checkpoint is reported ("is a directory") rather than silently ignored."""
-    return [
-        os.path.join(d, n)
-        for n in _listdir(d)
-        if n.endswith(".safetensors")
-        and (os.path.isfile(os.path.join(d, n)) or os.path.isdir(os.path.join(d, n)))
-    ]
+    return [e.path for e in _listdir(d) if e.name.endswith(".safetensors")]
 
 
-def _trainer_dirs(d: str) -> list[str]:
-    return [
-        os.path.join(d, n)
-        for n in _listdir(d)
-        if _TRAINER_DIR.match(n) and os.path.isdir(os.path.join(d, n))
-    ]
+def checkpoint_dirs(d: str) -> list[str]:
+    """Checkpoint folders of run folder ``d`` in any layout of ``layouts.FOLDER_PATTERNS``
+    (and ``checkpoint-<x>`` folders with a malformed step, to report them)."""
+    return [p for _, p in layouts.checkpoint_folders(d)]
 
 
 def has_checkpoints(d: str) -> bool:
     """True when folder ``d`` itself holds checkpoints (layout a or b)."""
-    return bool(_flat_files(d) or _trainer_dirs(d))
+    return bool(_flat_files(d) or checkpoint_dirs(d))
 
 
 def find_runs(root: str) -> list[tuple[str, str]]:
     """(name, folder) of each run under ``root``: the root itself, or its run subfolders."""
     if has_checkpoints(root):
-        return [(os.path.basename(root.rstrip(os.sep)) or root, root)]
-    subs = [os.path.join(root, n) for n in _listdir(root) if os.path.isdir(os.path.join(root, n))]
-    return [(os.path.basename(s), s) for s in subs if has_checkpoints(s)]
+        return [(remote.basename(root) or root, root)]
+    subs = [e for e in _listdir(root) if e.is_dir]
+    return [(e.name, e.path) for e in subs if has_checkpoints(e.path)]
 
 
 def _hash(headers: list[Header], extra: list[tuple[str, bytes]] = ()) -> str:
     h = hashlib.sha256()
     for name, raw in extra:
-        h.update(os.path.basename(name).encode() + b"\0" + raw)
+        h.update(remote.basename(name).encode() + b"\0" + raw)
     for hd in sorted(headers, key=lambda x: x.path):
-        h.update(os.path.basename(hd.path).encode() + b"\0")
+        h.update(remote.basename(hd.path).encode() + b"\0")
         hd.digest_into(h)
     return h.hexdigest()
 
@@ -188,27 +184,22 @@ def _shard_path(index: str, folder: str, fname, tensor: str) -> str:
     if not isinstance(fname, str) or not fname:
         raise InputError(index, "weight_map entry is not a file name", tensor)
     parts = re.split(r"[\\/]", fname)
-    if (
-        os.path.isabs(fname)
-        or fname.startswith(("/", "\\"))
-        or ".." in parts
-        or re.match(r"^[A-Za-z]:", fname)
-    ):
+    if fname.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", fname):
         raise InputError(
             index, f"weight_map names {fname[:80]!r}, outside the checkpoint folder", tensor
         )
-    path = os.path.join(folder, *parts)
-    if not os.path.isfile(path):
+    path = remote.join(folder, *parts)
+    if not remote.isfile(path):
         raise InputError(index, f"shard {fname[:80]!r} named in weight_map does not exist", tensor)
     return path
 
 
-def _sharded_ckpt(step: int, folder: str, index: str) -> tuple[_Ckpt, list[str]]:
+def _sharded(folder: str, index: str) -> tuple[list[Header], dict, bytes]:
+    """Headers of the shards an index names, its tensor -> file map, and its raw bytes."""
+    raw = remote.read_bytes(index, 100_000_000)
     try:
-        with open(index, "rb") as f:
-            raw = f.read(100_000_000)
         wm = json.loads(raw.decode("utf-8")).get("weight_map")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
         raise InputError(index, f"cannot parse index JSON ({str(e)[:100]})") from None
     if not isinstance(wm, dict) or not wm:
         raise InputError(index, "no 'weight_map' object in the index")
@@ -217,48 +208,89 @@ def _sharded_ckpt(step: int, folder: str, index: str) -> tuple[_Ckpt, list[str]]
     for n, p in names.items():
         if n not in headers[p].tensors:
             raise InputError(
-                index, f"weight_map puts it in {os.path.basename(p)}, which does not hold it", n
+                index, f"weight_map puts it in {remote.basename(p)}, which does not hold it", n
             )
-    return _ckpt(step, folder, list(headers.values()), names, [(index, raw)]), [index, *headers]
+    return list(headers.values()), names, raw
 
 
-def _trainer_ckpt(folder: str) -> tuple[_Ckpt, list[str]]:
-    raw = _TRAINER_DIR.match(os.path.basename(folder)).group(1)
-    if not raw.isdigit():
+def _state_step(folder: str) -> int | None:
+    """``global_step`` of the folder's trainer_state.json, if it has one."""
+    path = remote.join(folder, "trainer_state.json")
+    if not remote.isfile(path):
+        return None
+    try:
+        step = json.loads(remote.read_bytes(path, 100_000_000)).get("global_step")
+    except (UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+        raise InputError(path, "cannot parse trainer_state.json") from None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _folder_step(folder: str, headers: list[Header]) -> tuple[int, str]:
+    """(step, note) of a checkpoint folder: its name, else trainer_state.json, else
+    ``__metadata__`` step, else (Accelerate) the save index, said so in the note."""
+    layout, number = layouts.match_folder(remote.basename(folder))
+    if not layouts.step_is_index(layout, remote.basename(remote.dirname(folder))):
+        return number, ""
+    step = _state_step(folder)
+    if step is not None:
+        return step, " (from trainer_state.json)"
+    for hd in headers:
+        if (step := _metadata_step(hd)) is not None:
+            return step, " (from __metadata__)"
+    return number, f" (Accelerate save index {number}: no step recorded, saves assumed in order)"
+
+
+def _folder_ckpt(folder: str) -> tuple[_Ckpt, list[str]]:
+    raw = layouts.malformed_folder(remote.basename(folder))
+    if raw is not None:
         raise InputError(folder, f"step {raw[:40]!r} in the folder name is not an integer")
-    step = int(raw)
-    index = os.path.join(folder, INDEX_NAME)
-    if os.path.isfile(index):
-        return _sharded_ckpt(step, folder, index)
-    files = _flat_files(folder)
-    main = os.path.join(folder, "model.safetensors")
-    files = [main] if main in files else files
-    if not files:
-        raise InputError(folder, "no .safetensors file in the checkpoint folder")
-    return _ckpt(step, folder, [load_header(p) for p in files]), files
+    index = remote.join(folder, INDEX_NAME)
+    names, extra = None, []
+    if remote.isfile(index):
+        headers, names, raw = _sharded(folder, index)
+        files, extra = [index, *(h.path for h in headers)], [(index, raw)]
+    else:
+        files = _flat_files(folder)
+        main = remote.join(folder, "model.safetensors")
+        files = [main] if main in files else files
+        if not files:
+            raise InputError(folder, _no_safetensors(folder, "checkpoint folder"))
+        headers = [load_header(p) for p in files]
+    step, note = _folder_step(folder, headers)
+    ck = _ckpt(step, folder, headers, names, extra)
+    ck.note = note
+    return ck, files
+
+
+def _no_safetensors(folder: str, what: str) -> str:
+    """Why ``folder`` has no usable checkpoint: the foreign weights format found (one level
+    down too, e.g. DeepSpeed's ``global_stepN/``) with its conversion command, or a plain
+    'no .safetensors file'."""
+    names = []
+    for e in _listdir(folder):
+        names += [f"{e.name}/{c.name}" for c in _listdir(e.path)] if e.is_dir else [e.name]
+    return layouts.foreign_format(folder, names) or f"no .safetensors file in the {what}"
 
 
 def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
     """Checkpoint candidates of one run; per-file problems go to ``out.problems``."""
     found = []
-    trainer = _trainer_dirs(run_dir)
-    if trainer:
+    folders = checkpoint_dirs(run_dir)
+    if folders:
         for f in _flat_files(run_dir):
-            out.ignored.append(
-                (f, "loose file next to checkpoint-<step>/ folders (Trainer layout); ignored")
-            )
-        jobs = [(d, _trainer_ckpt, d) for d in trainer]
+            out.ignored.append((f, "loose file next to checkpoint folders; ignored"))
+        jobs = [(d, _folder_ckpt, d) for d in folders]
     else:
         jobs = [(f, lambda p: (_flat_ckpt(p), [p]), f) for f in _flat_files(run_dir)]
     for label, fn, arg in jobs:
         try:
             ck, files = fn(arg)
-            out.files.update({f: f"checkpoint step {ck.step}" for f in files})
+            out.files.update({f: f"checkpoint step {ck.step}{ck.note}" for f in files})
             found.append(ck)
         except InputError as e:
             out.files.update(
                 dict.fromkeys(
-                    _folder_files(label) if os.path.isdir(label) else [label], "checkpoint"
+                    _folder_files(label) if remote.isdir(label) else [label], "checkpoint"
                 )
             )
             out.problems.append(Problem(e.path, e.reason, e.tensor))
@@ -266,8 +298,8 @@ def _candidates(run_dir: str, out: Scan) -> list[_Ckpt]:
 
 
 def _folder_files(folder: str) -> list[str]:
-    index = os.path.join(folder, INDEX_NAME)
-    return ([index] if os.path.isfile(index) else []) + _flat_files(folder)
+    index = remote.join(folder, INDEX_NAME)
+    return ([index] if remote.isfile(index) else []) + _flat_files(folder)
 
 
 def _drop_duplicate_steps(found: list[_Ckpt], out: Scan) -> list[_Ckpt]:
@@ -366,19 +398,30 @@ def _scan_run(name: str, run_dir: str, out: Scan) -> None:
 
 def scan(path) -> Scan:
     """Collect runs, problems and candidate files under ``path`` without raising."""
-    root = os.path.abspath(os.fspath(path))
+    remote.forget()
+    root = remote.normalize(path)
     out = Scan(root)
-    if not os.path.isdir(root):
-        why = "is a file, not a folder of checkpoints" if os.path.exists(root) else "no such folder"
-        out.problems.append(Problem(root, why, scope="root"))
+    try:
+        if not remote.isdir(root):
+            why = (
+                "is a file, not a folder of checkpoints"
+                if remote.exists(root)
+                else "no such folder"
+            )
+            out.problems.append(Problem(root, why, scope="root"))
+            return out
+        runs = find_runs(root)
+    except InputError as e:  # a remote folder that cannot be listed
+        out.problems.append(Problem(e.path, e.reason, scope="root"))
         return out
-    runs = find_runs(root)
     if not runs:
+        foreign = layouts.foreign_format(root, [e.name for e in _listdir(root) if not e.is_dir])
         out.problems.append(
             Problem(
                 root,
-                "no checkpoints found (expected *.safetensors files or "
-                "checkpoint-<step>/ folders, here or in run subfolders)",
+                foreign
+                or "no checkpoints found (expected *.safetensors files or checkpoint folders "
+                "such as checkpoint-<step>/ or step_<N>/, here or in run subfolders)",
                 scope="root",
             )
         )

@@ -13,7 +13,9 @@ trailing bytes), which is the same rule the safetensors library itself enforces.
 problem becomes ``InputError(path, reason, tensor)``.
 
 ``read_rows`` then reads a row block through ``safe_open(...).get_slice`` (memory-mapped, only
-the requested bytes) and upcasts once to contiguous float32.
+the requested bytes) and upcasts once to contiguous float32. A path that is a URL (s3://,
+https://, hf://, ...) is read the same way through ``remote``: the header with one or two
+byte-range requests, a row block with one, each cached on local disk.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo
+from pipeline.ingest import remote
 
 if (
     TYPE_CHECKING
@@ -86,7 +89,8 @@ def torch_dtype(dtype: str) -> torch.dtype:
 @dataclass(frozen=True)
 class Header:
     """A validated header: ``tensors`` {name: (dtype, shape, (begin, end))} in file order,
-    ``metadata`` (``__metadata__``), the ``raw`` bytes (length prefix + JSON) and file size."""
+    ``metadata`` (``__metadata__``), the ``raw`` bytes (length prefix + JSON) and file size;
+    ``version``: a URL's ETag/Last-Modified (its ``mtime_ns`` is 0)."""
 
     path: str
     tensors: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
@@ -94,12 +98,42 @@ class Header:
     raw: bytes
     file_size: int
     mtime_ns: int
+    version: str = ""
 
     def digest_into(self, h: hashlib._Hash) -> None:
-        """Feed raw header bytes, the file size and its modification time into a running hash:
-        a checkpoint re-saved in place (same shapes, new values) changes the digest."""
+        """Feed raw header bytes, the file size and its modification time (a URL: its version)
+        into a running hash: a checkpoint re-saved in place (same shapes, new values) changes
+        the digest."""
         h.update(struct.pack("<QQ", self.file_size, self.mtime_ns))
+        if self.version:
+            h.update(self.version.encode())
         h.update(self.raw)
+
+
+_FIRST_READ = 1 << 18  # bytes of a remote file's first request: most headers fit
+
+
+def _bounded_length(path: str, prefix: bytes, size: int) -> int:
+    """The header length of the 8-byte ``prefix``, checked against the file ``size``."""
+    if len(prefix) < 8:
+        raise InputError(path, f"file is {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InputError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise InputError(path, f"header length {n} runs past the end of the file ({size} bytes)")
+    return n
+
+
+def _remote_header(path: str) -> tuple[bytes, int, str]:
+    """Length-prefix + header bytes, size and version of a URL: one ranged request (two when
+    the header is longer than ``_FIRST_READ``); the version is recorded for the readers."""
+    size, version = remote.record_stat(path)
+    first = remote.read_range(path, 0, min(size, _FIRST_READ))
+    n = _bounded_length(path, first, size)
+    if 8 + n > len(first):
+        first += remote.read_range(path, len(first), 8 + n)
+    return first[: 8 + n], size, version
 
 
 def _raw_header(path: str) -> tuple[bytes, os.stat_result]:
@@ -111,19 +145,7 @@ def _raw_header(path: str) -> tuple[bytes, os.stat_result]:
             st = os.fstat(f.fileno())
             size = st.st_size
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InputError(
-                    path, f"file is {size} bytes, shorter than the 8-byte header length"
-                )
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                raise InputError(
-                    path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
-                )
-            if 8 + n > size:
-                raise InputError(
-                    path, f"header length {n} runs past the end of the file ({size} bytes)"
-                )
+            n = _bounded_length(path, prefix, size)
             body = f.read(n)
     except OSError as e:
         raise InputError(path, f"cannot read: {e.strerror or e}") from None
@@ -218,12 +240,17 @@ def _check_tiling(path: str, tensors: dict, data_len: int) -> None:
 def load_header(path) -> Header:
     """Read and fully validate the header of ``path``; raises ``InputError`` on any problem."""
     path = os.fspath(path)
-    raw, st = _raw_header(path)
+    if remote.is_url(path):
+        raw, size, version = _remote_header(path)
+        mtime_ns = 0
+    else:
+        raw, st = _raw_header(path)
+        size, mtime_ns, version = st.st_size, st.st_mtime_ns, ""
     obj = _parse_json(path, raw[8:])
     meta = _metadata(path, obj.pop("__metadata__", None))
     tensors = {name: _entry(path, name, e) for name, e in obj.items()}
-    _check_tiling(path, tensors, st.st_size - len(raw))
-    return Header(path, tensors, meta, raw, st.st_size, st.st_mtime_ns)
+    _check_tiling(path, tensors, size - len(raw))
+    return Header(path, tensors, meta, raw, size, mtime_ns, version)
 
 
 def read_header(path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
@@ -252,7 +279,14 @@ def _cached_header(path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int)
     return load_header(path)
 
 
+@functools.lru_cache(maxsize=512)
+def _cached_remote_header(path: str, size: int, version: str) -> Header:
+    return load_header(path)
+
+
 def _header_for_read(path: str) -> Header:
+    if remote.is_url(path):
+        return _cached_remote_header(path, *remote.stat(path, fresh=False))
     try:
         st = os.stat(path)
     except OSError as e:
@@ -282,6 +316,8 @@ def read_rows(
             path, f"rows [{start}, {stop}) outside the first dimension {shape[0]}", name
         )
     row_elems = math.prod(shape[1:]) if shape else 1
+    if remote.is_url(path):
+        return _read_remote(header, name, start, stop, out)
     if out is not None and shape and dtype in _DIRECT and out.numel() == (stop - start) * row_elems:
         offset = len(header.raw) + begin + start * row_elems * DTYPES[dtype].itemsize
         return _read_into(path, name, offset, dtype, out)
@@ -336,3 +372,27 @@ def _read_into(path: str, name: str, offset: int, dtype: str, out: torch.Tensor)
     if dtype != "F32":
         flat.copy_(staging.view(torch_dtype(dtype)))
     return out
+
+
+def _read_remote(
+    header: Header, name: str, start: int, stop: int, out: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a URL's tensor: one byte-range read (``remote.read_range``,
+    disk-cached), upcast to float32 (into ``out`` when it has the block's size)."""
+    import torch
+
+    dtype, shape, (begin, _) = header.tensors[name]
+    rows = stop - start if shape else 1
+    row_elems = math.prod(shape[1:]) if shape else 1
+    row_bytes = row_elems * DTYPES[dtype].itemsize
+    offset = len(header.raw) + begin + (start * row_bytes if shape else 0)
+    data = bytearray(remote.read_range(header.path, offset, offset + rows * row_bytes))
+    values = torch.frombuffer(data, dtype=torch_dtype(dtype)) if data else None
+    block_shape = (rows, *shape[1:]) if shape else ()
+    if out is not None and out.numel() == rows * row_elems and shape:
+        if values is not None:
+            out.reshape(-1).copy_(values)
+        return out
+    if values is None:
+        return torch.empty(block_shape, dtype=torch.float32)
+    return values.to(torch.float32).reshape(block_shape).contiguous()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import re
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo, TrainingLog
+from pipeline.ingest import layouts, remote
 
 STEP_KEYS = ("step", "global_step", "trainer/global_step")
 # Names of the training loss and learning rate in the loggers we know, in priority order.
@@ -63,34 +65,34 @@ LR_KEYS = (
 )
 _LR_MONITOR = re.compile(r"^lr-[a-z0-9_]+(/pg1)?$")  # Lightning LearningRateMonitor, any optimizer
 HF_ACT_KEYS = ("hidden_act", "activation_function", "hidden_activation")
-_CKPT_DIR = re.compile(r"^checkpoint[-_](\d+)$")
 _LIGHTNING_VERSION = re.compile(r"^version_(\d+)$")
+MAX_LOG_BYTES = 1 << 30  # a log or config larger than this is refused, not read
 
 
 def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
-    """``checkpoint-<step>`` subfolders of ``run_dir`` as (step, path), latest last."""
-    try:
-        names = os.listdir(run_dir)
-    except OSError:
-        return []
-    found = []
-    for n in names:
-        m = _CKPT_DIR.match(n)
-        if m and os.path.isdir(os.path.join(run_dir, n)):
-            found.append((int(m.group(1)), os.path.join(run_dir, n)))
-    return sorted(found)
+    """Checkpoint subfolders of ``run_dir`` (any layout of ``layouts``) as (number, path),
+    latest last."""
+    return [(n, p) for n, p in layouts.checkpoint_folders(run_dir) if n is not None]
 
 
 def _first_existing(run_dir: str, name: str) -> str | None:
     """``run_dir/name``, else the copy inside the latest checkpoint folder, else None."""
-    top = os.path.join(run_dir, name)
-    if os.path.isfile(top):
+    top = remote.join(run_dir, name)
+    if remote.isfile(top):
         return top
     for _, d in reversed(checkpoint_dirs(run_dir)):
-        p = os.path.join(d, name)
-        if os.path.isfile(p):
+        p = remote.join(d, name)
+        if remote.isfile(p):
             return p
     return None
+
+
+def _text(path: str, what: str) -> str:
+    """The whole of a small text file, local or remote (``InputError`` naming it otherwise)."""
+    try:
+        return remote.read_bytes(path, MAX_LOG_BYTES).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"cannot parse {what} ({str(e)[:120]})") from None
 
 
 def _number(path: str, where: str, value, integer: bool = False) -> float:
@@ -150,17 +152,17 @@ def _merge(path: str, rows: list[tuple[str, dict]]) -> TrainingLog | None:
         step=steps,
         loss=[by_step[s][0] for s in steps],
         learning_rate=[by_step[s][1] for s in steps],
-        source=os.path.abspath(path),
+        source=remote.normalize(path),
         loss_key=loss_key,
         lr_key=lr_key,
     )
 
 
 def _load_json(path: str):
+    text = _text(path, "JSON")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise InputError(path, f"cannot parse JSON ({str(e)[:120]})") from None
 
 
@@ -173,34 +175,31 @@ def _trainer_state_rows(path: str) -> list[tuple[str, dict]]:
 
 
 def _csv_rows(path: str, delimiter: str = ",") -> list[tuple[str, dict]]:
+    text = _text(path, "CSV")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             rows = [
                 (f"line {i + 2}", {str(k).strip(): v for k, v in r.items() if k is not None})
                 for i, r in enumerate(reader)
             ]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except csv.Error as e:
         raise InputError(path, f"cannot parse CSV ({str(e)[:120]})") from None
     return rows
 
 
 def _jsonl_rows(path: str) -> list[tuple[str, dict]]:
     rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError) as e:
-                    raise InputError(path, f"line {i}: not valid JSON ({str(e)[:80]})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(path, f"line {i}: not a JSON object")
-                rows.append((f"line {i}", {str(k).strip(): v for k, v in obj.items()}))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read ({str(e)[:120]})") from None
+    for i, line in enumerate(_text(path, "JSONL").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise InputError(path, f"line {i}: not valid JSON ({str(e)[:80]})") from None
+        if not isinstance(obj, dict):
+            raise InputError(path, f"line {i}: not a JSON object")
+        rows.append((f"line {i}", {str(k).strip(): v for k, v in obj.items()}))
     return rows
 
 
@@ -319,24 +318,20 @@ def find_log_files(run_dir: str) -> tuple[list[str], list[str]]:
         p
         for p in (
             _first_existing(run_dir, "trainer_state.json"),
-            os.path.join(run_dir, "log.csv"),
-            os.path.join(run_dir, "log.jsonl"),
+            remote.join(run_dir, "log.csv"),
+            remote.join(run_dir, "log.jsonl"),
             _lightning_csv(run_dir),
             live if os.path.isdir(live) else None,
             _tensorboard_source(run_dir),
         )
-        if p and os.path.exists(p)
+        if p and remote.exists(p)
     ]
-    try:
-        names = sorted(os.listdir(run_dir))
-    except OSError:
-        names = []
     others = [
-        os.path.join(run_dir, n)
-        for n in names
-        if n.endswith((".csv", ".jsonl"))
-        and n not in ("log.csv", "log.jsonl")
-        and os.path.isfile(os.path.join(run_dir, n))
+        e.path
+        for e in sorted(remote.entries(run_dir), key=lambda e: e.name)
+        if e.name.endswith((".csv", ".jsonl"))
+        and e.name not in ("log.csv", "log.jsonl")
+        and not e.is_dir
     ]
     return explicit, others
 
@@ -345,7 +340,7 @@ def read_training_log(run_dir) -> TrainingLog:
     """Loss and learning rate per step of the run in ``run_dir`` from the first source that has
     a step and a known loss or LR key (see the module docstring for the order). Empty
     ``TrainingLog`` (source None) when there is none."""
-    run_dir = os.path.abspath(os.fspath(run_dir))
+    run_dir = remote.normalize(run_dir)
     explicit, others = find_log_files(run_dir)
     for p in explicit + others:
         log = _merge(p, _rows(p))
@@ -364,7 +359,7 @@ def _matches(name: str, key: str) -> bool:
 
 def config_path(run_dir) -> str | None:
     """The run's config.json: the run folder's own, else the latest checkpoint folder's."""
-    return _first_existing(os.path.abspath(os.fspath(run_dir)), "config.json")
+    return _first_existing(remote.normalize(run_dir), "config.json")
 
 
 def _hf_activation(cfg: dict) -> str | None:
