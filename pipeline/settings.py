@@ -72,6 +72,13 @@ class ThermoSettings:
     equilibrium_rel_tol: float = 0.05
     # step of a data shift (Type II state temperature), or None
     data_shift_step: int | None = None
+    # the optimizer that relates displacement to temperature: auto (the optimizer state saved
+    # with the checkpoints; plain SGD when a run has no state and no Trainer files) | sgd |
+    # sgd_momentum | nesterov | adam | adamw (METHODS.md 3b)
+    optimizer: str = "auto"
+    # gradient-clipping threshold of the runs (Trainer default 1.0; null: no clipping); the
+    # logged grad_norm above it marks clipped steps
+    max_grad_norm: float | None = 1.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+# optimizer kinds a run's optimizer record can name (ingest/optimizer_state.py): Adam family
+# (preconditioned by the second moment) and SGD family; anything else is "unknown"
+ADAM_KINDS = ("adam", "adamw")
+SGD_KINDS = ("sgd", "sgd_momentum", "nesterov")
+
 
 @dataclass(frozen=True)
 class TensorSource:
@@ -67,6 +72,9 @@ class Checkpoint:
     step: int
     files: dict[str, str]
     header_hash: str
+    # optimizer state saved with this checkpoint: {"file", "step" (updates), "groups"
+    # (hyperparameters per param group)}; empty when none (ingest/optimizer_state.py)
+    optimizer: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +100,9 @@ class Run:
     tensors: list[TensorInfo]
     log: TrainingLog = field(default_factory=TrainingLog)
     activations: dict[str, str] = field(default_factory=dict)  # tensor name -> activation
+    # optimizer kind, evidence, fallback note, state id and group per tensor, mapping checks
+    # (ingest/optimizer_state.read_run_optimizer); empty for manifests written before it
+    optimizer: dict = field(default_factory=dict)
 
     @property
     def steps(self) -> list[int]:
@@ -122,6 +133,7 @@ class Manifest:
                     tensors=[_tensor_info(t) for t in r["tensors"]],
                     log=TrainingLog(**r["log"]),
                     activations=r["activations"],
+                    optimizer=r.get("optimizer", {}),
                 )
             )
         skipped = [tuple(s) for s in raw.get("skipped", [])]

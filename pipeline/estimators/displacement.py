@@ -178,13 +178,14 @@ def _gls_line_at(y: np.ndarray, tau: np.ndarray, cov: np.ndarray, tau_eval: floa
     return float(at @ coef), float(at @ fisher @ at), chi2
 
 
-def _window_estimate(d2w, rel_steps, n_params, fit_lags, white_noise_var):
+def _window_estimate(d2w, rel_steps, n_params, fit_lags, white_noise_var, offset_steps=0.0):
     proj, brown, lag_ops, taus, den, white, cov, slope_w, slope_noise = _window_design(
         rel_steps, fit_lags
     )
     resid_gram = -0.5 * proj @ d2w @ proj
     num = np.array([np.sum(mk * resid_gram) for mk in lag_ops]) - n_params * white_noise_var * white
-    per_lag = num / (n_params * den)
+    # momentum: pair distances D (|ds| - offset) = Brownian + white noise of variance -D offset/2
+    per_lag = num / (n_params * (den - 0.5 * offset_steps * white))
     d0, var0, chi2 = _gls_line_at(per_lag, taus, cov, EVAL_LAG_STEPS)
     scale = max(abs(d0), abs(per_lag[0]))
     err = np.sqrt(var0 / n_params) * scale * np.sqrt(max(1.0, chi2))
@@ -206,6 +207,7 @@ def diffusivity_from_band(
     window: int,
     fit_lags: int = 3,
     white_noise_var: float = 0.0,
+    offset_steps: float = 0.0,
 ) -> dict:
     """Noise diffusivity D (weight^2 / parameter / step) of one layer from its distance band.
 
@@ -216,7 +218,9 @@ def diffusivity_from_band(
     checkpoints' training steps (any spacing), ``d2[t, k-1]`` the band (NaN before the series
     has k checkpoints), ``window`` <= d2.shape[1] the number of intervals per trailing window,
     ``fit_lags`` the lags used for the extrapolation, ``white_noise_var`` a known white
-    measurement noise per coordinate (weight^2, e.g. bf16 rounding, ``rounding_noise_var``).
+    measurement noise per coordinate (weight^2, e.g. bf16 rounding, ``rounding_noise_var``),
+    ``offset_steps`` the known shortfall of the squared displacement that momentum causes
+    (``preconditioned.momentum_offset_steps``; pair distances ~ D (|ds| - offset_steps)).
 
     Returns arrays over checkpoints (NaN / False where the window lacks history or values):
     ``diffusivity`` D0; ``diffusivity_err`` its 1-sigma error (GLS under the Brownian null,
@@ -250,7 +254,9 @@ def diffusivity_from_band(
         if not np.all(np.isfinite(d2w)):
             continue
         rel = tuple(int(x) for x in steps[end - window : end + 1] - steps[end - window])
-        d0, err, ident, speed2 = _window_estimate(d2w, rel, n_params, fit_lags, white_noise_var)
+        d0, err, ident, speed2 = _window_estimate(
+            d2w, rel, n_params, fit_lags, white_noise_var, offset_steps
+        )
         result["diffusivity"][end] = d0
         result["diffusivity_err"][end] = err
         result["identifiable"][end] = ident

@@ -30,6 +30,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
 from pipeline.ingest import layouts, remote
 from pipeline.ingest.lora import adapt_run, load_base_model
+from pipeline.ingest.optimizer_state import read_run_optimizer
 from pipeline.ingest.safetensors_io import Header, is_float_dtype, load_header
 from pipeline.ingest.training_log import (
     config_path,
@@ -393,7 +394,20 @@ def _scan_run(name: str, run_dir: str, out: Scan) -> None:
         Checkpoint(c.step, {t.name: c.tensors[t.name][1] for t in tensors}, c.header_hash)
         for c in cks
     ]
-    out.runs.append(Run(name, run_dir, checkpoints, tensors, log, acts))
+    optimizer, states = read_run_optimizer(run_dir, [c.files for c in checkpoints], tensors)
+    checkpoints = [_with_state(c, s, out) for c, s in zip(checkpoints, states)]
+    out.runs.append(Run(name, run_dir, checkpoints, tensors, log, acts, optimizer))
+
+
+def _with_state(c: Checkpoint, state: dict, out: Scan) -> Checkpoint:
+    """The checkpoint with its optimizer state record; the state file's size and mtime join
+    its identity (the measure cache then remeasures when the state changes)."""
+    if not state:
+        return c
+    st = os.stat(state["file"])
+    out.files[state["file"]] = f"optimizer state step {c.step}"
+    ident = f"{c.header_hash}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return Checkpoint(c.step, c.files, hashlib.sha256(ident).hexdigest(), state)
 
 
 def scan(path) -> Scan:

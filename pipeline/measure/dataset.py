@@ -46,6 +46,7 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
     n_params = np.array([t.n_params for t in run.tensors])
     per_step["sq_distance"] = (("step", "layer", "lag"), band)
     per_step["msd"] = (("step", "layer"), band[:, :, 0] / n_params)
+    per_step.update(_optimizer_variables(run, layers, band.shape))
     n_windows = min(len(layers[n]["ensemble_log_var"]) for n in names)
     for var in ("ensemble_log_var", "ensemble_frozen"):
         per_step[var] = (
@@ -93,7 +94,56 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
         log_loss_key=run.log.loss_key or "none",
         log_lr_key=run.log.lr_key or "none",
     )
+    ds.attrs.update(_optimizer_attrs(run))
     return annotate(ds)
+
+
+def _optimizer_variables(run: Run, layers: dict, shape: tuple) -> dict:
+    """The preconditioned band and P's layer mean (Adam state; NaN without), and per (step,
+    layer) the learning rate and momentum (Adam beta1 or SGD momentum) that the optimizer state
+    saved with each checkpoint holds (NaN without state)."""
+    names = [t.name for t in run.tensors]
+    n_params = np.array([t.n_params for t in run.tensors], dtype=np.float64)
+    band = np.stack(
+        [layers[n].get("sq_distance_precond", np.full(shape[::2], np.nan)) for n in names], axis=1
+    )
+    total = np.stack(
+        [layers[n].get("precond_sum", np.full(shape[0], np.nan)) for n in names], axis=1
+    )
+    lr = np.full(shape[:2], np.nan)
+    momentum = np.full(shape[:2], np.nan)
+    group = run.optimizer.get("group", {})
+    adam = run.optimizer.get("kind") in ("adam", "adamw")
+    for i, c in enumerate(run.checkpoints):
+        for j, n in enumerate(names):
+            if c.optimizer and n in group:
+                g = c.optimizer["groups"][group[n]]
+                lr[i, j] = g["lr"]
+                momentum[i, j] = g["beta1"] if adam else g["momentum"]
+    return {
+        "sq_distance_precond": (("step", "layer", "lag"), band),
+        "precond_mean": (("step", "layer"), total / n_params),
+        "optimizer_lr": (("step", "layer"), lr),
+        "optimizer_momentum": (("step", "layer"), momentum),
+    }
+
+
+def _optimizer_attrs(run: Run) -> dict:
+    """Run attributes: optimizer kind, the evidence for it, the fallback note, the mapping's
+    source and checks, the Nesterov flag and the logged gradient norms (for clipping)."""
+    opt = run.optimizer
+    states = [c.optimizer for c in run.checkpoints if c.optimizer]
+    nesterov = bool(states and states[-1]["groups"][0].get("nesterov"))
+    return {
+        "optimizer": opt.get("kind", "unknown"),
+        "optimizer_evidence": opt.get("evidence", "none"),
+        "optimizer_note": opt.get("note", ""),
+        "optimizer_mapping": json.dumps(
+            {"source": opt.get("mapping_source", ""), "check": opt.get("mapping_check", {})}
+        ),
+        "optimizer_nesterov": int(nesterov),
+        "grad_norm_log": json.dumps(opt.get("grad_norm", [])),
+    }
 
 
 def measured_tree(manifest: Manifest, results: dict, settings: MeasureSettings) -> xr.DataTree:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.core.manifest import Manifest, Run
+from pipeline.core.manifest import ADAM_KINDS, Manifest, Run
 from pipeline.measure.cache import LayerCache, merge
 from pipeline.measure.kernel import BlockTask, layer_blocks
 from pipeline.measure.parallel import check_device, dashboard_link, dask_client, run_tasks
@@ -25,11 +25,31 @@ def _block_tasks(run: Run, settings: MeasureSettings, resume_from: dict[str, int
         if resume_from[tensor.name] >= len(steps):
             continue
         files = tuple(c.files[tensor.name] for c in run.checkpoints)
+        precond = precond_sources(run, tensor.name)
         layers[(run.name, tensor.name)] = [
-            BlockTask(run.name, tensor, a, b, files, steps, resume_from[tensor.name])
+            BlockTask(run.name, tensor, a, b, files, steps, resume_from[tensor.name], precond)
             for a, b in layer_blocks(tensor, settings)
         ]
     return layers
+
+
+def precond_sources(run: Run, name: str) -> tuple:
+    """Per checkpoint (state file, state id, beta2, eps, update count) of tensor ``name`` for
+    an Adam-family run with a verified mapping (None where a checkpoint lacks state); ()
+    otherwise."""
+    opt = run.optimizer
+    if opt.get("kind") not in ADAM_KINDS or name not in opt.get("mapping", {}):
+        return ()
+    group = opt["group"][name]
+    out = []
+    for c in run.checkpoints:
+        state = c.optimizer
+        if not state or not state.get("step"):
+            out.append(None)
+            continue
+        g = state["groups"][group]
+        out.append((state["file"], opt["mapping"][name], g["beta2"], g["eps"], state["step"]))
+    return tuple(out)
 
 
 def measure_manifest(

@@ -46,6 +46,9 @@ class BlockTask:
     files: tuple[str, ...]  # file holding the tensor, one per checkpoint in step order
     steps: tuple[int, ...]
     resume_from: int = 0  # checkpoints before this index are already measured (cached)
+    # Adam preconditioner source per checkpoint: (state file, state id, beta2, eps, update
+    # count), None where missing; empty for runs without Adam state (``PrecondBand``)
+    precond: tuple = ()
 
     def read_from(self, settings: MeasureSettings) -> int:
         """First checkpoint to read: enough history for the band and the open ensemble window."""
@@ -89,6 +92,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     )  # on a GPU, per-slice launches cost more than cache saves
     per_slice = cpu_slice_rows(task, settings) if on_cpu else task.stop - task.start
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
+    space.precond = PrecondBand(task, space.ring.shape[1], space.device) if task.precond else None
     pick = _block_sample(task, settings)
     parts = [
         _measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
@@ -138,13 +142,15 @@ ADDITIVE = (
     "sq_distance",
     "ensemble_log_var",
     "ensemble_frozen",
+    "sq_distance_precond",  # only for tasks with Adam state (PrecondBand)
+    "precond_sum",
 )
 
 
 def merge_partials(parts: list[dict]) -> dict:
     """Statistics of the union of disjoint coordinate sets: sums of the additive ones, the
     entropy samples side by side."""
-    merged = {k: sum(p[k] for p in parts) for k in ADDITIVE}
+    merged = {k: sum(p[k] for p in parts) for k in ADDITIVE if k in parts[0]}
     merged["sample"] = np.concatenate([p["sample"] for p in parts], axis=1)
     return merged
 
@@ -219,6 +225,7 @@ def _measure_slice(
         maxlen=max(settings.max_lag, w)
     )  # (slice, finite)
     band = _BandTracker(space.ring[:, :n_slice])
+    pband = space.precond.start(n_out, settings.max_lag) if space.precond is not None else None
     windows = []
     for i in range(read_from, len(task.files)):
         flat = space.read(task, i, start, stop, (i - read_from) % space.values.shape[0])
@@ -231,11 +238,15 @@ def _measure_slice(
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
             out["sample"][j] = flat[pick].cpu().numpy()
             out["sq_distance"][j] = band_row
+            if pband is not None:
+                pband.measure(j, i, start, stop, band)
         held.append((flat, finite))
         if (i + 1) % w == 0 and i + 1 - w >= (first // w) * w and len(held) >= w:
             windows.append(_close_window(held, band, task.steps[i + 1 - w : i + 1]))
     out["ensemble_log_var"] = np.asarray([lv for lv, _ in windows], dtype=np.float64)
     out["ensemble_frozen"] = np.asarray([n for _, n in windows], dtype=np.int64)
+    if pband is not None:
+        out["sq_distance_precond"], out["precond_sum"] = pband.band, pband.total
     return out
 
 
@@ -299,6 +310,50 @@ class _BandTracker:
             direct = sq_distance_band(current, [b for b, _ in reversed(recent)])
             self.band = np.concatenate([direct, np.full(self.max_lag - len(direct), np.nan)])
         return self.band
+
+
+class PrecondBand:
+    """Preconditioned squared-distance band of a slice: ``sum_i P_i (theta_t,i - theta_t-k,i)^2``
+    for k = 1..max_lag, with Adam's ``P = sqrt(v_hat) + eps``, ``v_hat = exp_avg_sq / (1 -
+    beta2^step)``, read from the optimizer state saved with checkpoint t: the LATER end of each
+    pair (its second moment averages the ~1/(1-beta2) updates just before t, i.e. those the
+    pair's displacement is made of; METHODS.md 3b). Fed by the ``_BandTracker``'s increments
+    ring: with ``r_k = sqrt(P) * (sum of the last k increments)``, one fused multiply-add and
+    one dot per lag and element; only the slice's rows of ``exp_avg_sq`` are read (memory-mapped
+    state, ``optimizer_state.state_rows``). Also returns ``sum_i P_i`` (for the rounding-noise
+    term in P units). NaN where the state or the history is missing."""
+
+    def __init__(self, task: BlockTask, capacity: int, device: str):
+        self.task = task
+        self.sqrt_p = torch.empty(capacity, dtype=torch.float32)
+        self.run = torch.empty(capacity, dtype=torch.float32, device=device)
+        self.host = device == "cpu"
+
+    def start(self, n_out: int, max_lag: int) -> PrecondBand:
+        """Fresh per-slice outputs (per-step arrays over the measured checkpoints)."""
+        self.band = np.full((n_out, max_lag), np.nan)
+        self.total = np.full(n_out, np.nan)
+        return self
+
+    def measure(self, j: int, i: int, start: int, stop: int, band: _BandTracker) -> None:
+        """Row ``j`` of the outputs from checkpoint ``i``'s state and the tracker's ring."""
+        from pipeline.ingest.optimizer_state import state_rows
+
+        lags = band.max_lag
+        source = self.task.precond[i]
+        if source is None:
+            return
+        path, state_id, beta2, eps, updates = source
+        n = (stop - start) * self.task.tensor.row_elems
+        p = state_rows(path, state_id, "exp_avg_sq", start, stop, out=self.sqrt_p[:n])
+        p.mul_(1.0 / (1.0 - beta2**updates)).sqrt_().add_(eps)
+        self.total[j] = float(p.sum(dtype=torch.float64))
+        p.sqrt_()
+        root = p if self.host else p.to(self.run.device)
+        run = self.run[:n].zero_()
+        for k in range(min(band.count, lags)):
+            run.addcmul_(root, band.ring[(band.count - 1 - k) % lags, :n])
+            self.band[j, k] = float(torch.dot(run, run))
 
 
 _CHUNK = 1 << 16  # elements reduced in fp32 before accumulating in float64
@@ -371,6 +426,9 @@ def finalize_layer(blocks: list[dict]) -> dict:
         "ensemble_log_var": total["ensemble_log_var"],
         "ensemble_frozen": total["ensemble_frozen"],
     }
+    for key in ("sq_distance_precond", "precond_sum"):
+        if key in total:
+            result[key] = total[key]
     if "spectral" in blocks[0]:
         result["spectral_entropy"] = blocks[0]["spectral"][:, 0]
         result["stable_rank"] = blocks[0]["spectral"][:, 1]

@@ -35,6 +35,27 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "squared distance to the checkpoint lag steps back, summed over the layer",
         "displacement.sq_distance_band",
     ),
+    "sq_distance_precond": (
+        "loss*weight",
+        "preconditioned squared distance sum_i P_i dtheta_i^2 to the checkpoint lag steps back "
+        "(Adam P = sqrt(v_hat) + eps of the later checkpoint)",
+        "kernel.PrecondBand",
+    ),
+    "precond_mean": (
+        "loss/weight",
+        "layer mean of Adam's preconditioner P = sqrt(v_hat) + eps at the checkpoint",
+        "kernel.PrecondBand",
+    ),
+    "optimizer_lr": (
+        "weight^2/loss",
+        "learning rate in the optimizer state saved with the checkpoint (its param group)",
+        "optimizer_state.group_hyperparameters",
+    ),
+    "optimizer_momentum": (
+        "1",
+        "momentum in the optimizer state (Adam beta1 or SGD momentum)",
+        "optimizer_state.group_hyperparameters",
+    ),
     "msd": (
         "weight^2/param",
         "mean squared displacement since the previous checkpoint",
@@ -83,6 +104,42 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "squared drift (river) speed per parameter",
         "displacement.diffusivity_from_band",
     ),
+    "diffusivity_precond": (
+        "loss*weight/param/step",
+        "preconditioned diffusivity D_P (Adam: slope of sum_i P_i dtheta_i^2 per parameter)",
+        "displacement.diffusivity_from_band",
+    ),
+    "diffusivity_per_lr2": (
+        "weight^2/param/step/lr^2",
+        "D / eta^2: the optimizer-free reading when no temperature can be formed",
+        "thermo.add_temperature",
+    ),
+    "effective_learning_rate": (
+        "weight^2/loss",
+        "step size eta of the temperature relation (Adam: lr; heavy ball: lr/(1-mu)), window mean",
+        "preconditioned.effective_step",
+    ),
+    "temperature_estimator": (
+        "1",
+        "relation that produced the run's temperature (einstein_sgd, heavy_ball, nesterov, "
+        "preconditioned_adam, none)",
+        "relation.temperature_relation",
+    ),
+    "temperature_refusal": (
+        "1",
+        "why the run has no loss-unit temperature ('' when it has one)",
+        "relation.temperature_relation",
+    ),
+    "momentum_offset_steps": (
+        "step",
+        "steps' worth by which momentum shortens the squared displacement (fixed by beta)",
+        "preconditioned.momentum_offset_steps",
+    ),
+    "clip_fraction": (
+        "1",
+        "fraction of logged gradient norms above thermo.max_grad_norm (clipped steps)",
+        "optimizer_state.clip_fraction",
+    ),
     "window_learning_rate": (
         "weight^2/loss",
         "mean learning rate over the temperature window",
@@ -96,7 +153,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "temperature": (
         "loss",
-        "local temperature T = D / (2 lr)",
+        "local temperature T = D_P / (2 eta) (SGD: D / (2 lr))",
         "displacement.temperature_from_diffusivity",
     ),
     "temperature_err": (

@@ -16,6 +16,7 @@ from pipeline.estimators.displacement import (
     temperature_from_diffusivity,
     window_learning_rate,
 )
+from pipeline.thermo.relation import temperature_relation
 
 
 def per_layer(ds: xr.Dataset, fn) -> dict[str, np.ndarray]:
@@ -48,8 +49,12 @@ def rounding_resolution(msd: np.ndarray, noise_var: np.ndarray, window: int) -> 
         )
 
 
-def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
-    """Diffusivity and local temperature per (step, layer) from the squared-distance band."""
+def add_temperature(
+    ds: xr.Dataset, window: int, optimizer: str = "auto", max_grad_norm: float | None = 1.0
+) -> xr.Dataset:
+    """Diffusivity and local temperature per (step, layer) from the squared-distance band;
+    the optimizer decides which band and which step size form the temperature
+    (``relation.temperature_relation``)."""
     window = max(1, min(int(window), ds.sizes["lag"]))
     steps = ds.step.values
     band = ds.sq_distance.values
@@ -62,12 +67,42 @@ def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
         ),
     )
     lr = window_learning_rate(steps, ds.log_step.values, ds.log_learning_rate.values, window)
-    temp, temp_err = temperature_from_diffusivity(
-        est["diffusivity"], est["diffusivity_err"], lr[:, None]
-    )
+    rel = temperature_relation(ds, optimizer, max_grad_norm)
+    used = est
+    if rel.estimator == "preconditioned_adam" or rel.offset_steps:
+        used = per_layer(
+            ds,
+            lambda j: diffusivity_from_band(
+                steps,
+                rel.band[:, j, :],
+                int(n_params[j]),
+                window,
+                white_noise_var=float(rel.noise[j]),
+                offset_steps=rel.offset_steps,
+            ),
+        )
+    eta = _window_eta(rel, steps, lr, window, ds.sizes["layer"])
+    temp, temp_err = temperature_from_diffusivity(used["diffusivity"], used["diffusivity_err"], eta)
+    if rel.refusal or rel.band is None:
+        temp, temp_err = np.full_like(temp, np.nan), np.full_like(temp, np.nan)
     resolution = rounding_resolution(ds.msd.values, noise, window)
-    ident = est["identifiable"] & (resolution >= MIN_ROUNDING_RESOLUTION)
+    ident = used["identifiable"] & (resolution >= MIN_ROUNDING_RESOLUTION)
     dims = ("step", "layer")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_lr2 = est["diffusivity"] / eta**2
+    ds = ds.assign(
+        diffusivity_precond=(
+            dims,
+            used["diffusivity"] if rel.estimator == "preconditioned_adam" else np.nan * temp,
+        ),
+        diffusivity_per_lr2=(dims, per_lr2),
+        effective_learning_rate=(dims, eta),
+        temperature_estimator=((), rel.estimator),
+        temperature_refusal=((), rel.refusal),
+        momentum_offset_steps=((), rel.offset_steps),
+        clip_fraction=((), rel.clip_fraction),
+    )
+    ds.attrs.update(optimizer=rel.optimizer, optimizer_source=rel.source)
     return ds.assign(
         diffusivity=(dims, est["diffusivity"]),
         diffusivity_err=(dims, est["diffusivity_err"]),
@@ -77,6 +112,18 @@ def add_temperature(ds: xr.Dataset, window: int) -> xr.Dataset:
         window_learning_rate=("step", lr),
         temperature=(dims, temp),
         temperature_err=(dims, temp_err),
+    )
+
+
+def _window_eta(rel, steps: np.ndarray, log_lr: np.ndarray, window: int, n_layers: int):
+    """(step, layer) mean step size over each trailing window: from the optimizer state (the
+    value saved at checkpoint c is the step size of the updates after c: the scheduler has
+    stepped) or, without state, the logged learning rate (``window_learning_rate``)."""
+    if rel.eta is None:
+        return np.repeat(log_lr[:, None], n_layers, axis=1)
+    return np.stack(
+        [window_learning_rate(steps, steps + 1, rel.eta[:, j], window) for j in range(n_layers)],
+        axis=1,
     )
 
 

@@ -1,0 +1,146 @@
+"""Known-answer temperatures for real torch.optim optimizers (METHODS.md 3b).
+
+Series from ``simulate_optimizer_series`` (Hugging Face layout, real ``optimizer.pt``). Targets:
+per-layer T within 10% for tensors with >= 1000 values, layers ranked exactly, the plateau
+ratio within 10% of the LR ratio, and the truth equal to 2 <L_A - L_A*> / n (Lyapunov)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.stats import rankdata
+
+from pipeline.analyze import analyze
+from pipeline.estimators.preconditioned import momentum_offset_steps
+from pipeline.settings import ClusterSettings
+from pipeline.testing.optim_series import QuadraticLayer, simulate_optimizer_series
+
+LAYERS = [
+    QuadraticLayer("a.weight", (32, 64), 0.5),
+    QuadraticLayer("b.weight", (48, 64), 1.5),
+    QuadraticLayer("c.weight", (64, 40), 3.0),
+    QuadraticLayer("c.bias", (40,), 1.0),
+]
+BIG = [spec.name for spec in LAYERS if np.prod(spec.shape) >= 1000]
+LRS = (1e-3, 3e-4)
+CLUSTER = ClusterSettings(n_workers=1, processes=False)
+
+
+def _run(tmp_path, thermo=None, **kw):
+    src = tmp_path / "run"
+    truth = simulate_optimizer_series(src, LAYERS, plateaus=tuple((1600, lr) for lr in LRS), **kw)
+    return truth, _analyze(src, tmp_path, thermo)
+
+
+def _analyze(src, tmp_path, thermo=None):
+    store = analyze(src, tmp_path / "store.zarr", cluster=CLUSTER, thermo_params=thermo)
+    return xr.open_datatree(store, engine="zarr")["run"].to_dataset()
+
+
+def _plateau_estimates(truth, ds, window=8):
+    """Median T per (layer in truth order, plateau) over windows inside each plateau."""
+    order = [list(ds.layer.values).index(n) for n in truth.layer_names]
+    steps = ds.step.values
+    out = []
+    for first, last, _ in truth.plateaus:
+        inside = (steps - window * 40 >= first - 1) & (steps <= last)
+        out.append(np.nanmedian(ds.temperature.values[inside][:, order], axis=0))
+    return np.stack(out, axis=1)
+
+
+def _check_targets(truth, ds):
+    est = _plateau_estimates(truth, ds)
+    big = [truth.layer_names.index(n) for n in BIG]
+    err = est[big] / truth.temperature[big] - 1
+    assert np.all(np.abs(err) < 0.10), err
+    for p in range(est.shape[1]):
+        assert list(rankdata(est[big, p])) == list(rankdata(truth.temperature[big, p]))
+    ratio = est[big, 1] / est[big, 0]
+    assert np.all(np.abs(ratio / (LRS[1] / LRS[0]) - 1) < 0.10), ratio
+    # the truth is the Lyapunov one: T = 2 <L_A - L_A*> / n on the first plateau
+    lyap = truth.lyapunov[big] / truth.temperature[big, 0] - 1
+    assert np.all(np.abs(lyap) < 0.10), lyap
+    return err
+
+
+def test_adamw_two_plateaus(tmp_path):
+    truth, ds = _run(tmp_path, kind="adamw")
+    assert ds.attrs["optimizer"] == "adamw" and ds.attrs["optimizer_source"] == "state"
+    assert str(ds.temperature_estimator.values) == "preconditioned_adam"
+    assert str(ds.temperature_refusal.values) == ""
+    assert float(ds.momentum_offset_steps) == pytest.approx(momentum_offset_steps("adam", 0.9))
+    _check_targets(truth, ds)
+    # the SGD relation T = D / (2 lr) on the same series measures lr, not the noise: about
+    # the same number for every layer, while the true temperatures span a factor 6
+    order = [list(ds.layer.values).index(n) for n in BIG]
+    sgd = np.nanmedian((ds.diffusivity / (2 * ds.effective_learning_rate)).values[-20:], axis=0)
+    want = truth.temperature[[truth.layer_names.index(n) for n in BIG], 1]
+    assert sgd[order].max() / sgd[order].min() < 1.1 and want.max() / want.min() > 5
+
+
+def test_heavy_ball_momentum(tmp_path):
+    truth, ds = _run(tmp_path, kind="sgd_momentum", momentum=0.9)
+    assert str(ds.temperature_estimator.values) == "heavy_ball"
+    # eta = lr / (1 - mu): the window's step size is 10x the state's lr
+    assert np.nanmax(ds.effective_learning_rate.values) == pytest.approx(1e-2)
+    _check_targets(truth, ds)
+
+
+def test_momentum_offset_closed_forms():
+    for beta in (0.5, 0.9, 0.99):
+        expect = 2 * beta / ((1 + beta) * (1 - beta))
+        assert momentum_offset_steps("adamw", beta) == pytest.approx(expect, rel=1e-9)
+        assert momentum_offset_steps("sgd_momentum", beta) == pytest.approx(expect, rel=1e-9)
+    assert momentum_offset_steps("sgd", 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "estimator"),
+    [
+        ({"kind": "adamw", "weight_decay": 0.1}, "preconditioned_adam"),
+        ({"kind": "adamw", "dtype": "BF16"}, "preconditioned_adam"),
+        pytest.param({"kind": "sgd"}, "einstein_sgd", marks=pytest.mark.slow),
+        pytest.param({"kind": "nesterov", "momentum": 0.9}, "nesterov", marks=pytest.mark.slow),
+    ],
+)
+def test_optimizer_variants(tmp_path, kw, estimator):
+    truth, ds = _run(tmp_path, **kw)
+    assert str(ds.temperature_estimator.values) == estimator
+    _check_targets(truth, ds)
+
+
+def test_adam_without_state_reports_d_not_t(tmp_path):
+    src = tmp_path / "run"
+    simulate_optimizer_series(src, LAYERS, plateaus=((480, 1e-3),))
+    for opt in src.glob("checkpoint-*/optimizer.pt"):
+        opt.unlink()
+    ds = _analyze(src, tmp_path)
+    assert ds.attrs["optimizer"] == "unknown"
+    assert np.isnan(ds.temperature.values).all()
+    assert "without optimizer.pt" in str(ds.temperature_refusal.values)
+    assert np.isfinite(ds.diffusivity_per_lr2.values).any()
+    # saying it was AdamW does not help: P needs the state
+    ds = _analyze(src, tmp_path / "again", {"optimizer": "adamw"})
+    assert np.isnan(ds.temperature.values).all()
+    assert "exp_avg_sq" in str(ds.temperature_refusal.values)
+
+
+def test_clipped_sgd_is_refused(tmp_path):
+    src = tmp_path / "run"
+    simulate_optimizer_series(src, LAYERS, kind="sgd", plateaus=((480, 1e-3),))
+    last = sorted(src.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    for entry in state["log_history"]:
+        entry["grad_norm"] = 5.0  # logged before clipping, above max_grad_norm = 1
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    ds = _analyze(src, tmp_path)
+    assert float(ds.clip_fraction) == 1.0
+    assert "clipped" in str(ds.temperature_refusal.values)
+    assert np.isnan(ds.temperature.values).all()
+    shutil.rmtree(tmp_path / "store.zarr")
+    ds = _analyze(src, tmp_path, {"max_grad_norm": None})  # no clipping declared
+    assert str(ds.temperature_refusal.values) == "" and np.isfinite(ds.temperature.values).any()
