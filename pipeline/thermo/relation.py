@@ -73,6 +73,12 @@ def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | No
         band = ds.sq_distance_precond.values if "sq_distance_precond" in ds else None
         if band is None or not np.isfinite(band).any() or not has_state:
             why = f"{kind} needs its optimizer state (exp_avg_sq) for P; none read"
+            if "lora_part" in ds.coords:
+                why = (
+                    f"LoRA run: {kind}'s state preconditions the adapter factors A and B, not "
+                    "the layers W0 + dW measured here; temperature falls back to D"
+                )
+                note = ""
             rel.refusal = f"{why}: {note}" if note and source == "setting" else note or why
             return rel
         beta1 = float(np.nanmedian(ds.optimizer_momentum.values))
