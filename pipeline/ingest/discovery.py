@@ -404,9 +404,9 @@ def _with_state(c: Checkpoint, state: dict, out: Scan) -> Checkpoint:
     its identity (the measure cache then remeasures when the state changes)."""
     if not state:
         return c
-    st = os.stat(state["file"])
+    size, version = remote.stat(state["file"])
     out.files[state["file"]] = f"optimizer state step {c.step}"
-    ident = f"{c.header_hash}|{st.st_size}|{st.st_mtime_ns}".encode()
+    ident = f"{c.header_hash}|{size}|{version}".encode()
     return Checkpoint(c.step, c.files, hashlib.sha256(ident).hexdigest(), state)
 
 
