@@ -201,9 +201,11 @@ ANALYZE_EXTRA_ARGS: list[str] = []  # e.g. ["--threads"], set from the command l
 
 
 def run_analyze(
-    folder, store, cache, spectral=False, workers=None, interval=0.05, params=None
+    folder, store, cache, spectral=False, workers=None, interval=0.05, params=None, code=REPO
 ) -> dict:
-    """Wall time and peak anonymous memory (whole process tree) of `thermoscope analyze`."""
+    """Wall time and peak anonymous memory (whole process tree) of `thermoscope analyze`, run
+    with the ``pipeline`` package of the tree ``code`` (default: this checkout; another one,
+    e.g. a git ref exported by ``export_tree``, for before/after figures)."""
     cmd = [
         sys.executable,
         "-m",
@@ -224,7 +226,9 @@ def run_analyze(
         cmd += ["--workers", str(workers)]
     cmd += ANALYZE_EXTRA_ARGS
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=code, env=code_env(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     peak, done = [0], threading.Event()
 
     def sample():
@@ -241,6 +245,22 @@ def run_analyze(
     if proc.returncode != 0:
         raise RuntimeError(f"analyze failed ({proc.returncode}): {err.decode()[-2000:]}")
     return {"wall_s": wall, "peak_anon_bytes": peak[0], "command": " ".join(cmd[1:])}
+
+
+def code_env(code: Path) -> dict:
+    """The environment of a subprocess that must import ``pipeline`` from the tree ``code``."""
+    return {**os.environ, "PYTHONPATH": str(code)}
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """The ``pipeline`` package as of git ``ref`` of this repository, written under ``into``
+    (``git archive``): the code a before/after benchmark runs as "before"."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", ref, "pipeline"], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def linear_fit(x, y) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, devices, floor, incremental, spectral, throughput
+from benchmarks import common, devices, floor, incremental, kernel, spectral, throughput
 from pipeline.estimators.ensemble import window_log_var_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +151,17 @@ def test_each_benchmark_script_runs_from_the_command_line(script):
     )
     assert done.returncode == 0, done.stderr
     assert "--mode" in done.stdout and "--json" in done.stdout
+
+
+@pytest.mark.slow  # two analyze subprocesses
+def test_kernel_before_after_times_both_trees_and_compares_their_stores(tmp_path):
+    """The same code as "before" (HEAD) and "after" (this checkout): both children time the
+    kernel on the same files, and the two stores agree (this checkout may carry uncommitted
+    changes, so equal to fp32 rounding rather than bit-equal)."""
+    out = kernel.before_after(tmp_path, 0.5, 9, base="HEAD", repeats=2)
+    for label in ("before", "after"):
+        run = out["runs"][label]
+        assert run["blocks_s"] > 0 and run["finalize_s"] > 0 and len(run["all"]) == 2
+    assert out["speedup"] > 0 and out["variables"] > 10
+    assert out["largest_difference"] < 1e-5
+    assert "speedup" in kernel.format_kernel(out)

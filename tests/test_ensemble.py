@@ -106,3 +106,40 @@ def test_window_statistics_returns_both_in_one_pass():
     lv, frozen = window_statistics(values, steps)
     assert frozen == window_frozen_count(values, steps) == 4
     assert lv == window_log_var_sum(values, steps)
+
+
+def test_fast_path_skips_the_frozen_test_only_when_no_coordinate_can_be_frozen():
+    """``_none_frozen`` (the cheap bound) lets a chunk skip the per-coordinate frozen test; the
+    result must equal the exact test's whatever the chunk: a chunk of random-walk coordinates
+    takes the fast path, a chunk holding one constant or one exactly linear coordinate (or one
+    whose fluctuation is at the fp32 resolution of a large value) takes the exact one."""
+    from pipeline.estimators import ensemble
+
+    steps, theta, _ = _window(n=512, n_t=8, seed=5)
+    flat = [torch.from_numpy(r.copy()) for r in theta]
+    incs = torch.stack([b - a for a, b in zip(flat, flat[1:])])
+    chunks = list(ensemble._window_chunks(incs, range(7), steps, flat[0], chunk=512))
+    assert all(frozen is None for _, frozen in chunks)  # nothing near frozen: fast path
+    fast = window_log_var_sum(flat, steps)
+    for special in (
+        np.full(8, 0.5, np.float32),  # constant
+        (3.0 + 0.25 * (steps - steps[0])).astype(np.float32),  # exactly linear
+        np.float32(1e4) + np.float32(1e-4) * np.arange(8, dtype=np.float32) ** 2,  # fp32 floor
+    ):
+        with_one = theta.copy()
+        with_one[:, 7] = special
+        rows = [torch.from_numpy(r.copy()) for r in with_one]
+        incs = torch.stack([b - a for a, b in zip(rows, rows[1:])])
+        ((_, frozen),) = ensemble._window_chunks(incs, range(7), steps, rows[0], chunk=512)
+        assert frozen is not None and bool(frozen[7])  # the exact test ran and caught it
+        assert window_frozen_count(rows, steps) == 1
+        # the other coordinates' sum is unchanged by the path taken (to fp32 rounding)
+        others = window_log_var_sum([r[:7] for r in rows], steps) + window_log_var_sum(
+            [r[8:] for r in rows], steps
+        )
+        assert window_log_var_sum(rows, steps) == pytest.approx(others, rel=1e-6)
+    assert fast == pytest.approx(
+        window_log_var_sum([r[:256] for r in flat], steps)
+        + window_log_var_sum([r[256:] for r in flat], steps),
+        rel=1e-6,
+    )

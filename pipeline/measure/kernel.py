@@ -213,6 +213,7 @@ def _measure_slice(
         block_pick, torch.tensor([offset, offset + n_slice])
     ).tolist()  # sorted indices
     pick = (block_pick[lo:hi] - offset).to(device)
+    pick_np = pick.numpy() if device == "cpu" else None  # numpy's gather: half the overhead
     out = {
         "count": np.zeros(n_out),
         "sum": np.zeros(n_out),
@@ -236,7 +237,9 @@ def _measure_slice(
         if measured:
             j = i - first
             out["count"][j], out["nonfinite"][j], out["sum"][j], out["sumsq"][j] = moments
-            out["sample"][j] = flat[pick].cpu().numpy()
+            out["sample"][j] = (
+                flat[pick].cpu().numpy() if pick_np is None else flat.numpy()[pick_np]
+            )
             out["sq_distance"][j] = band_row
             if pband is not None:
                 pband.measure(j, i, start, stop, band)
@@ -297,16 +300,18 @@ class _BandTracker:
         slot = self.count % self.max_lag
         torch.sub(current, held[-1][0], out=self.ring[slot])
         self.count += 1
-        recent = list(held)[-self.max_lag :]
-        self.finite = finite and all(ok for _, ok in recent)
+        self.finite = finite and all(ok for _, ok in _last(held, self.max_lag))
         if not need_band:
             self.band = None  # unknown: the next needed band is computed directly
         elif self.finite and self.band is not None:
-            dots = torch.mv(self.ring, self.ring[slot]).cpu().numpy()
-            lags = np.arange(self.max_lag)
-            ordered = np.where(lags < self.count, dots[(slot - lags) % self.max_lag], np.nan)
+            dots = torch.mv(self.ring, self.ring[slot]).tolist()
+            ordered = [
+                dots[(slot - k) % self.max_lag] if k < self.count else math.nan
+                for k in range(self.max_lag)
+            ]  # ordered[k] = increment_t . increment_{t-k}
             self.band = band_from_increment_dots(self.band, ordered)
         else:
+            recent = _last(held, self.max_lag)
             direct = sq_distance_band(current, [b for b, _ in reversed(recent)])
             self.band = np.concatenate([direct, np.full(self.max_lag - len(direct), np.nan)])
         return self.band
@@ -354,6 +359,12 @@ class PrecondBand:
         for k in range(min(band.count, lags)):
             run.addcmul_(root, band.ring[(band.count - 1 - k) % lags, :n])
             self.band[j, k] = float(torch.dot(run, run))
+
+
+def _last(held: deque, k: int) -> list:
+    """The last ``k`` entries of ``held`` (all of them when it holds fewer), oldest first."""
+    n = len(held)
+    return [held[i] for i in range(max(0, n - k), n)]
 
 
 _CHUNK = 1 << 16  # elements reduced in fp32 before accumulating in float64
