@@ -33,7 +33,7 @@ from benchmarks.common import (
     run_analyze,
 )
 
-BASE = "22db717"  # main before issue 18's kernel changes (benchmarks/RESULTS.md)
+BASE = "17d7090"  # main just before issue 18's kernel changes (benchmarks/RESULTS.md)
 
 
 def child() -> None:
