@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import pytest
+
+# bytes read from remote series (tests/test_remote.py) are cached here, not in ~/.cache; set
+# before any worker process or forkserver starts, so every worker sees it
+os.environ.setdefault("THERMOSCOPE_CACHE", tempfile.mkdtemp(prefix="thermoscope-remote-"))
 
 
 @pytest.fixture(scope="session")

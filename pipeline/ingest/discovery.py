@@ -426,7 +426,8 @@ def scan(path) -> Scan:
             return out
         runs = find_runs(root)
     except InputError as e:  # a remote folder that cannot be listed
-        out.problems.append(Problem(e.path, e.reason, scope="root"))
+        why = e.reason if e.path == root else f"{e.path}: {e.reason}"
+        out.problems.append(Problem(root, why, scope="root"))
         return out
     if not runs:
         foreign = layouts.foreign_format(root, [e.name for e in _listdir(root) if not e.is_dir])

@@ -62,7 +62,11 @@ def join(base: str, *parts: str) -> str:
 
 
 def basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+    """Last path component; for a Hub revision ``hf://owner/repo@step1000``: the revision."""
+    if not is_url(path):
+        return os.path.basename(path)
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    return last.rsplit("@", 1)[-1] if path.startswith("hf://") else last
 
 
 def dirname(path: str) -> str:
@@ -137,7 +141,10 @@ def _url_entries(url: str) -> list[Entry]:
             steps = hub_step_revisions(_hub_branches(fs, *hub))
             if steps:
                 return [Entry(b, f"{url.rstrip('/')}@{b}", True) for _, b in steps]
-        listing = fs.ls(path, detail=True)
+        # an HTTP folder is its index page, whose links are relative to the trailing slash
+        listing = fs.ls(
+            path + "/" if url.startswith(("http://", "https://")) else path, detail=True
+        )
     except FileNotFoundError:
         return []
     except Exception as e:  # noqa: BLE001 - any transport error becomes one line
@@ -183,7 +190,12 @@ def _entry(path: str) -> Entry | None:
 def isdir(path: str) -> bool:
     if not is_url(path):
         return os.path.isdir(local(path))
-    e = _entry(path)
+    if _hub_repo(path):
+        return True
+    try:
+        e = _entry(path)
+    except InputError:  # the parent cannot be listed (a bucket root, a server's top): ask it
+        e = None
     return e.is_dir if e is not None else bool(entries(path))
 
 
@@ -296,12 +308,13 @@ def _cached_range(url: str, start: int, end: int) -> bytes:
     except OSError:
         pass
     fs, p = _fs(url)
+    failure = None
     try:
         data = fs.cat_file(p, start=start, end=end)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(
-            url, f"reading bytes [{start}, {end}) failed ({type(e).__name__}: {str(e)[:160]})"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - any transport error becomes one line
+        failure = f"reading bytes [{start}, {end}) failed ({type(e).__name__}: {str(e)[:160]})"
+    if failure:  # raised outside the handler: no unpicklable transport error travels with it
+        raise InputError(url, failure)
     if len(data) == end - start:
         _write_atomic(path, data)
     return data

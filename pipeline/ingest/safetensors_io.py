@@ -26,6 +26,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -110,7 +111,7 @@ class Header:
         h.update(self.raw)
 
 
-_FIRST_READ = 1 << 18  # bytes of a remote file's first request: most headers fit
+_FIRST_READ = 1 << 15  # bytes of a remote file's first request: most headers fit
 
 
 def _bounded_length(path: str, prefix: bytes, size: int) -> int:
@@ -388,8 +389,10 @@ def _read_remote(
     row_elems = math.prod(shape[1:]) if shape else 1
     row_bytes = row_elems * DTYPES[dtype].itemsize
     offset = len(header.raw) + begin + (start * row_bytes if shape else 0)
-    data = bytearray(remote.read_range(header.path, offset, offset + rows * row_bytes))
-    values = torch.frombuffer(data, dtype=torch_dtype(dtype)) if data else None
+    data = remote.read_range(header.path, offset, offset + rows * row_bytes)
+    with warnings.catch_warnings():  # read-only buffer: only read (copied into float32) below
+        warnings.simplefilter("ignore", UserWarning)
+        values = torch.frombuffer(data, dtype=torch_dtype(dtype)) if data else None
     block_shape = (rows, *shape[1:]) if shape else ()
     if out is not None and out.numel() == rows * row_elems and shape:
         if values is not None:
