@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo
+from pipeline.ingest import remote
 
 STATE_FILES = ("optimizer.pt", "optimizer.bin", "optimizer.safetensors", "optim.safetensors")
 FALLBACK = "temperature falls back to D"
@@ -46,6 +47,10 @@ class StateUnsupported(InputError):
 def find_state_file(folder: str) -> tuple[str | None, str | None]:
     """(state file, None) of a checkpoint folder, or (None, note) for an unsupported layout, or
     (None, None) when the folder holds no optimizer state at all."""
+    if remote.is_url(folder):  # torch.load needs a local file: a remote state is not fetched
+        found = [e.path for e in remote.entries(folder) if e.name in STATE_FILES]
+        why = "optimizer state of a remote series is not read (copy the series locally to use it)"
+        return None, (f"{found[0]}: {why}; {FALLBACK}" if found else None)
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     for n in STATE_FILES:
         if n in names:
@@ -393,11 +398,11 @@ def read_run_optimizer(run_dir: str, files: list[dict[str, str]], tensors: list[
     ``mapping_check`` and the logged ``grad_norm`` list. Checkpoint record: ``file``,
     ``step`` (the optimizer's update count) and ``groups`` (hyperparameters per param group).
     Never raises: an unusable state becomes the note."""
-    folders = [os.path.dirname(next(iter(f.values()))) for f in files]
+    folders = [remote.dirname(next(iter(f.values()))) for f in files]
+    run_dir = remote.normalize(run_dir)
     # Trainer layout: checkpoint folders (not files loose in the run folder) with its state file
     trainer = any(
-        os.path.abspath(f) != os.path.abspath(run_dir)
-        and os.path.isfile(os.path.join(f, "trainer_state.json"))
+        remote.normalize(f) != run_dir and remote.isfile(remote.join(f, "trainer_state.json"))
         for f in folders
     )
     run = {"kind": "unknown", "evidence": "trainer" if trainer else "none", "note": ""}
@@ -405,7 +410,7 @@ def read_run_optimizer(run_dir: str, files: list[dict[str, str]], tensors: list[
     per_ckpt = [{} for _ in folders]
     states, notes = [], []
     for f in folders:
-        flat = os.path.abspath(f) == os.path.abspath(run_dir)
+        flat = remote.normalize(f) == run_dir
         path, note = (None, None) if flat else find_state_file(f)
         states.append(path)
         if note:
