@@ -65,8 +65,10 @@ class MeasureSettings:
 class ThermoSettings:
     """params.yaml ``thermo``: the derivation (stage thermo)."""
 
-    # checkpoints in the trailing window of the temperature estimate
+    # widest temperature window, in checkpoint intervals (<= measure.max_lag); centred on the step
     temperature_window: int = 8
+    # narrowest window (at the ends of the series), in intervals; fewer checkpoints: no T
+    temperature_min_window: int = 4
     # checkpoints over which the macroscopic state must be stationary
     equilibrium_window: int = 8
     equilibrium_rel_tol: float = 0.05

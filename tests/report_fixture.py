@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from pipeline.core.reasons import TEMPERATURE_REASONS, reason_attrs
+
 ACTIVATIONS = ("relu", "tanh", "gelu", "identity")
 SCALE_FREE = {"relu", "identity"}
 
@@ -141,10 +143,10 @@ def run_dataset(
         "diffusivity": (sl, diffusivity, _attrs("weight^2/param/step", "diffusivity")),
         "temperature": (sl, temp, _attrs("loss", "layer temperature")),
         "temperature_err": (sl, 0.05 * temp, _attrs("loss", "temperature uncertainty")),
-        "temperature_identifiable": (
+        "temperature_reason": (
             sl,
-            np.isfinite(temp),
-            _attrs("1", "temperature identifiable"),
+            np.where(np.isfinite(temp), 0, 2).astype(np.int8),
+            _attrs("1", "why the temperature is masked") | reason_attrs(TEMPERATURE_REASONS),
         ),
         "global_temperature": (s, global_t, _attrs("loss", "global temperature")),
         "temperature_spread": (s, spread, _attrs("loss", "temperature spread across layers")),

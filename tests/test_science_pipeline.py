@@ -71,18 +71,19 @@ def _langevin_specs(spacing):
     ]
 
 
-def _plateau_windows(truth, steps, p, spacing):
-    """Steps whose temperature window lies entirely inside plateau p."""
+def _plateau_windows(truth, ds, p):
+    """Steps whose temperature window (stored window coords) lies entirely inside plateau p."""
     first, last, _ = truth.plateaus[p]
-    return (steps - WINDOW * spacing >= first - 1) & (steps <= last)
+    start, end = ds.temperature_window_start.values, ds.temperature_window_end.values
+    return (start >= first - 1) & (end <= last)
 
 
-def _plateau_tables(truth, ds, spacing):
-    """(layers, plateaus): mean stored T over identifiable plateau windows; identifiable share."""
-    temp, ident = ds.temperature.values, ds.temperature_identifiable.values.astype(bool)
+def _plateau_tables(truth, ds):
+    """(layers, plateaus): mean stored T over identified plateau windows, identified fraction."""
+    temp, ident = ds.temperature.values, ds.temperature_reason.values == 0
     table, frac = np.full(truth.temperature.shape, np.nan), np.zeros(truth.temperature.shape)
     for p in range(len(truth.plateaus)):
-        m = _plateau_windows(truth, ds.step.values, p, spacing)
+        m = _plateau_windows(truth, ds, p)
         frac[:, p] = ident[m].mean(axis=0)
         for j in range(temp.shape[1]):
             good = m & ident[:, j]
@@ -91,7 +92,7 @@ def _plateau_tables(truth, ds, spacing):
 
 
 def _check_langevin(truth, ds, spacing, label):
-    table, frac = _plateau_tables(truth, ds, spacing)
+    table, frac = _plateau_tables(truth, ds)
     resolved = frac > 0.5
     rel = table / truth.temperature - 1
     ratio = (table[:, 1] / table[:, 0]) / (LRS[1] / LRS[0]) - 1
@@ -136,7 +137,7 @@ def test_langevin_temperature_spacing_10(tmp_path, cluster, dtype):
 def _check_rounding_matters(truth, ds):
     """The store's rounding_noise_var is what thermo subtracts: without it bf16 is biased high."""
     raw = thermo.add_temperature(ds.assign(rounding_noise_var=ds.rounding_noise_var * 0), WINDOW)
-    table, _ = _plateau_tables(truth, raw, 10)
+    table, _ = _plateau_tables(truth, raw)
     bias = np.nanmax(table / truth.temperature - 1)
     print(f"\n[bf16 spacing 10, no rounding correction] max relative error {bias:.3f}")
     assert bias > TOL

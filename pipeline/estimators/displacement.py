@@ -33,6 +33,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.core.reasons import TemperatureReason
+
 _CHUNK = 1 << 16  # elements reduced in fp32 before the fp64 accumulation
 
 # identifiability thresholds (see METHODS.md for their calibration)
@@ -154,13 +156,38 @@ def _window_design(rel_steps: tuple, fit_lags: int):
     return proj, brown, lag_ops, np.array(taus), den, white, cov, slope_w, slope_noise
 
 
-def _window_d2(d2: np.ndarray, end: int, window: int) -> np.ndarray:
-    """Pairwise squared distances of checkpoints end-window..end from the band."""
-    m = window + 1
+def checkpoint_windows(n: int, window: int, min_window: int | None = None):
+    """(start, end) checkpoint indices of the window that estimates each checkpoint's value.
+
+    ``min_window`` None: the trailing window ``[t - window, t]`` (start = -1 before the series
+    has ``window`` intervals). Otherwise centred windows that shrink near the ends:
+    ``[t - min(h, t), t + min(window - h, n - 1 - t)]`` with h = window // 2, widened on the
+    open side to ``min_window`` intervals where an end cuts it shorter; start = -1 when the
+    series has fewer than ``min_window + 1`` checkpoints. Near the ends the window has fewer
+    intervals and lags, so its error is larger (honestly: the GLS error counts the pairs).
+    Width never exceeds ``window`` intervals, so every pair is within the measured band.
+    """
+    t = np.arange(n)
+    if min_window is None:
+        start = np.where(t >= window, t - window, -1)
+        return start, t.copy()
+    half = window // 2
+    start = t - np.minimum(half, t)
+    end = t + np.minimum(window - half, n - 1 - t)
+    short = np.maximum(min_window - (end - start), 0)
+    end = np.minimum(end + short, n - 1)
+    start = np.maximum(start - np.maximum(min_window - (end - start), 0), 0)
+    few = (end - start) < min_window
+    return np.where(few, -1, start), np.where(few, -1, end)
+
+
+def _window_d2(d2: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Pairwise squared distances of checkpoints start..end from the band."""
+    m = end - start + 1
     out = np.zeros((m, m))
     for b in range(1, m):
         lags = np.arange(1, b + 1)
-        out[b - lags, b] = d2[end - window + b, lags - 1]
+        out[b - lags, b] = d2[start + b, lags - 1]
     return out + out.T
 
 
@@ -180,6 +207,7 @@ def _gls_line_at(y: np.ndarray, tau: np.ndarray, cov: np.ndarray, tau_eval: floa
 
 
 def _window_estimate(d2w, rel_steps, n_params, fit_lags, white_noise_var, offset_steps=0.0):
+    """D0, its error, the reason code (0: identified) and |v|^2 of one window."""
     proj, brown, lag_ops, taus, den, white, cov, slope_w, slope_noise = _window_design(
         rel_steps, fit_lags
     )
@@ -192,13 +220,15 @@ def _window_estimate(d2w, rel_steps, n_params, fit_lags, white_noise_var, offset
     err = np.sqrt(var0 / n_params) * scale * np.sqrt(max(1.0, chi2))
     d_window = np.trace(resid_gram) / (n_params * np.trace(brown))
     speed2 = (-0.5 * slope_w @ d2w @ slope_w) / n_params - d_window * slope_noise
-    ident = bool(
-        np.isfinite(d0)
-        and d0 > 0
-        and abs(d0 - per_lag[0]) <= MAX_RELATIVE_CORRECTION * d0
-        and (per_lag.size < 2 or per_lag[1] >= MIN_LAG_RATIO * per_lag[0])
-    )
-    return d0, err, ident, speed2
+    if not (np.isfinite(d0) and d0 > 0 and err < d0):
+        reason = TemperatureReason.NO_DIFFUSION_SIGNAL
+    elif abs(d0 - per_lag[0]) > MAX_RELATIVE_CORRECTION * d0 or (
+        per_lag.size >= 2 and per_lag[1] < MIN_LAG_RATIO * per_lag[0]
+    ):
+        reason = TemperatureReason.SPACING_TOO_COARSE
+    else:
+        reason = TemperatureReason.IDENTIFIED
+    return d0, err, int(reason), speed2
 
 
 def diffusivity_from_band(
@@ -209,6 +239,7 @@ def diffusivity_from_band(
     fit_lags: int = 3,
     white_noise_var: float = 0.0,
     offset_steps: float = 0.0,
+    min_window: int | None = None,
 ) -> dict:
     """Noise diffusivity D (weight^2 / parameter / step) of one layer from its distance band.
 
@@ -217,18 +248,24 @@ def diffusivity_from_band(
     (river), with mean reversion of valley directions slow compared with the checkpoint
     spacing (first-order effect removed by extrapolating D(tau) to tau = 0). ``steps`` are the
     checkpoints' training steps (any spacing), ``d2[t, k-1]`` the band (NaN before the series
-    has k checkpoints), ``window`` <= d2.shape[1] the number of intervals per trailing window,
-    ``fit_lags`` the lags used for the extrapolation, ``white_noise_var`` a known white
-    measurement noise per coordinate (weight^2, e.g. bf16 rounding, ``rounding_noise_var``),
-    ``offset_steps`` the known shortfall of the squared displacement that momentum causes
-    (``preconditioned.momentum_offset_steps``; pair distances ~ D (|ds| - offset_steps)).
+    has k checkpoints), ``window`` <= d2.shape[1] the widest window in intervals,
+    ``min_window`` None for trailing windows of ``window`` intervals, else centred windows
+    shrinking to ``min_window`` intervals at the ends of the series (``checkpoint_windows``),
+    ``fit_lags`` the lags used for the extrapolation (fewer in a window with fewer intervals),
+    ``white_noise_var`` a known white measurement noise per coordinate (weight^2, e.g. bf16
+    rounding, ``rounding_noise_var``), ``offset_steps`` the known shortfall of the squared
+    displacement that momentum causes (``preconditioned.momentum_offset_steps``; pair
+    distances ~ D (|ds| - offset_steps)).
 
-    Returns arrays over checkpoints (NaN / False where the window lacks history or values):
+    Returns arrays over checkpoints (NaN where the window lacks history or values):
     ``diffusivity`` D0; ``diffusivity_err`` its 1-sigma error (GLS under the Brownian null,
-    inflated by sqrt(chi^2/dof) of the fit); ``identifiable`` False when the extrapolation
-    corrects D(tau_1) by more than 10% or D(tau_2) < 0.75 D(tau_1) (spacing too coarse for the
-    stiffest directions carrying the noise); ``drift_speed2`` |v|^2 per parameter per step^2
-    of the window's fitted linear motion, minus the Brownian contribution to the fitted slope.
+    inflated by sqrt(chi^2/dof) of the fit); ``reason`` (int8, ``TemperatureReason``): 0
+    identified; 1 no window; 6 non-finite distances; 7 D0 <= 0 or err >= D0; 2 when the
+    extrapolation corrects D(tau_1) by more than 10% or D(tau_2) < 0.75 D(tau_1) (spacing too
+    coarse for the stiffest directions carrying the noise); ``identifiable`` = (reason == 0);
+    ``drift_speed2`` |v|^2 per parameter per step^2 of the window's fitted linear motion, minus
+    the Brownian contribution to the fitted slope; ``window_start``/``window_end`` the
+    window's checkpoint indices (-1: none).
     """
     steps = np.asarray(steps, dtype=np.int64)
     d2 = np.asarray(d2, dtype=np.float64)
@@ -240,39 +277,49 @@ def diffusivity_from_band(
         raise ValueError(f"window {window} must be in 1..max_lag={d2.shape[1]}")
     if np.any(np.diff(steps) <= 0):
         raise ValueError("steps must be strictly increasing")
-    fit_lags = max(1, min(fit_lags, window))
     n = steps.size
+    starts, ends = checkpoint_windows(n, window, min_window)
     result = {
         "diffusivity": np.full(n, np.nan),
         "diffusivity_err": np.full(n, np.nan),
-        "identifiable": np.zeros(n, dtype=bool),
+        "reason": np.full(n, int(TemperatureReason.TOO_FEW_CHECKPOINTS), dtype=np.int8),
         "drift_speed2": np.full(n, np.nan),
+        "window_start": starts,
+        "window_end": ends,
     }
-    if n_params <= 0:
-        return result
-    for end in range(window, n):
-        d2w = _window_d2(d2, end, window)
-        if not np.all(np.isfinite(d2w)):
+    for t, (start, end) in enumerate(zip(starts, ends)):
+        if start < 0 or n_params <= 0:
             continue
-        rel = tuple(int(x) for x in steps[end - window : end + 1] - steps[end - window])
-        d0, err, ident, speed2 = _window_estimate(
-            d2w, rel, n_params, fit_lags, white_noise_var, offset_steps
+        d2w = _window_d2(d2, start, end)
+        if not np.all(np.isfinite(d2w)):
+            result["reason"][t] = TemperatureReason.MISSING_VALUES
+            continue
+        rel = tuple(int(x) for x in steps[start : end + 1] - steps[start])
+        fit = max(1, min(fit_lags, end - start))
+        d0, err, reason, speed2 = _window_estimate(
+            d2w, rel, n_params, fit, white_noise_var, offset_steps
         )
-        result["diffusivity"][end] = d0
-        result["diffusivity_err"][end] = err
-        result["identifiable"][end] = ident
-        result["drift_speed2"][end] = speed2
+        result["diffusivity"][t] = d0
+        result["diffusivity_err"][t] = err
+        result["reason"][t] = reason
+        result["drift_speed2"][t] = speed2
+    result["identifiable"] = result["reason"] == TemperatureReason.IDENTIFIED
     return result
 
 
 def window_learning_rate(
-    steps: np.ndarray, log_steps: np.ndarray, log_lr: np.ndarray, window: int
+    steps: np.ndarray,
+    log_steps: np.ndarray,
+    log_lr: np.ndarray,
+    window: int,
+    min_window: int | None = None,
 ) -> np.ndarray:
-    """Mean learning rate over the steps covered by each trailing window (NaN without a log).
+    """Mean learning rate over the steps covered by each checkpoint's window (NaN without a log).
 
-    The LR log is read as piecewise constant from each logged step to the next; the mean is
-    over the training steps s_{j-window} < step <= s_j (the updates the window's displacements
-    contain). Used to turn a window's D into T = D / (2 <lr>).
+    Windows as in ``diffusivity_from_band`` (``checkpoint_windows``). The LR log is read as
+    piecewise constant from each logged step to the next; the mean is over the training steps
+    s_start < step <= s_end (the updates the window's displacements contain). Used to turn a
+    window's D into T = D / (2 <lr>).
     """
     steps = np.asarray(steps, dtype=np.int64)
     out = np.full(steps.size, np.nan)
@@ -284,10 +331,13 @@ def window_learning_rate(
         return out
     order = np.argsort(log_steps)
     log_steps, log_lr = log_steps[order], log_lr[order]
-    for end in range(window, steps.size):
-        grid = np.arange(steps[end - window] + 1, steps[end] + 1)
+    starts, ends = checkpoint_windows(steps.size, window, min_window)
+    for t, (start, end) in enumerate(zip(starts, ends)):
+        if start < 0:
+            continue
+        grid = np.arange(steps[start] + 1, steps[end] + 1)
         idx = np.searchsorted(log_steps, grid, side="right") - 1
-        out[end] = np.mean(log_lr[np.clip(idx, 0, None)])
+        out[t] = np.mean(log_lr[np.clip(idx, 0, None)])
     return out
 
 

@@ -94,10 +94,10 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "1-sigma uncertainty of the diffusivity",
         "displacement.diffusivity_from_band",
     ),
-    "temperature_identifiable": (
+    "temperature_reason": (
         "1",
-        "checkpoint spacing resolves the diffusion (1) or not (0)",
-        "displacement.diffusivity_from_band",
+        "why the local temperature is masked (0: identified; code table in attrs)",
+        "thermo.temperature.add_temperature",
     ),
     "drift_speed2": (
         "weight^2/param/step^2",
@@ -149,7 +149,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "1",
         "displacement variance between checkpoints over the storage dtype's ulp^2 "
         "(window mean; < 0.25: unresolved)",
-        "thermo.rounding_resolution",
+        "thermo.temperature.window_rounding_resolution",
     ),
     "temperature": (
         "loss",
@@ -165,6 +165,11 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "loss",
         "n_params-weighted mean of layer temperatures",
         "thermo.add_global_temperature",
+    ),
+    "global_temperature_coverage": (
+        "1",
+        "fraction of the parameters in layers with an identified temperature",
+        "thermo.temperature.add_global_temperature",
     ),
     "temperature_spread": (
         "1",

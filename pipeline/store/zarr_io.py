@@ -16,6 +16,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipeline.core.atomic import replace_dir
+from pipeline.core.reasons import REASON_TABLES, reason_attrs
 from pipeline.store.schema import VARIABLES
 
 
@@ -26,6 +27,8 @@ def annotate(ds: xr.Dataset) -> xr.Dataset:
             raise KeyError(f"variable {name!r} has no entry in pipeline.store.schema.VARIABLES")
         units, long_name, estimator = VARIABLES[name]
         ds[name].attrs.update(units=units, long_name=long_name, estimator=estimator)
+        if name in REASON_TABLES:
+            ds[name].attrs.update(reason_attrs(REASON_TABLES[name]))
     return ds
 
 

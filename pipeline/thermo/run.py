@@ -134,7 +134,11 @@ def add_equilibrium(ds: xr.Dataset, window: int, rel_tol: float) -> xr.Dataset:
 def derive_run(ds: xr.Dataset, settings: ThermoSettings) -> xr.Dataset:
     """All per-run derived quantities, in dependency order."""
     ds = add_temperature(
-        ds, settings.temperature_window, settings.optimizer, settings.max_grad_norm
+        ds,
+        settings.temperature_window,
+        settings.optimizer,
+        settings.max_grad_norm,
+        settings.temperature_min_window,
     )
     ds = add_global_temperature(ds)
     ds = add_ensemble_entropy(ds)

@@ -1,0 +1,105 @@
+"""Reason codes stored beside masked values ("refuse, don't flag").
+
+A derived number whose conditions fail is stored as NaN with an int8 reason code beside it
+(``temperature_reason``, ``fit_k_reason``, ...). Each table below is written into the code
+variable's attrs (CF ``flag_values`` / ``flag_meanings`` plus a readable ``reasons`` text) by
+``pipeline.store.zarr_io.annotate``, so a reader of the store needs no code to decode it. The
+report and ``thermoscope check`` print the same sentences. Conditions: METHODS.md.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class TemperatureReason(IntEnum):
+    """Why a (step, layer) cell of the local temperature has no value (0: it has one)."""
+
+    IDENTIFIED = 0
+    TOO_FEW_CHECKPOINTS = 1
+    SPACING_TOO_COARSE = 2
+    NO_LR_LOG = 3
+    OPTIMIZER_STATE_MISSING = 4
+    ROUNDING_LIMITED = 5
+    MISSING_VALUES = 6
+    NO_DIFFUSION_SIGNAL = 7
+
+
+TEMPERATURE_REASONS: dict[int, str] = {
+    0: "identified",
+    1: "too few checkpoints for a window (needs min_window + 1)",
+    2: "checkpoint spacing longer than the layer's relaxation time (MSD saturates between lags)",
+    3: "no step size (no learning-rate log): only the diffusivity D is reported",
+    4: "optimizer relation refused (e.g. Adam without its saved state; see temperature_refusal)",
+    5: "rounding-limited: the layer moves less than half an ulp of its storage dtype per interval",
+    6: "non-finite values or missing distances in the window",
+    7: "no resolvable diffusion (D <= 0 or error larger than the value)",
+}
+
+
+class FitReason(IntEnum):
+    """Why a cross-run quantity of the sweep (free-energy T, k fit, heat capacity) is refused."""
+
+    OK = 0
+    NOT_STATIONARY = 1
+    TOO_FEW_PLATEAUS = 2
+    NO_TEMPERATURE = 3
+    NOT_POSITIVE = 4
+    K_OUT_OF_TOLERANCE = 5
+
+
+FIT_REASONS: dict[int, str] = {
+    0: "accepted",
+    1: "plateau not stationary (loss, T or S drifts over the run's second half)",
+    2: "fewer than 2 stationary constant-LR plateaus",
+    3: "no identified temperature on the plateau",
+    4: "estimate not positive (no F = U - T S minimum at a positive T / C <= 0)",
+    5: "exponent k outside 1 +- the estimator's tolerance (T not proportional to lr)",
+}
+
+
+class EfficiencyReason(IntEnum):
+    """Why a layer's heat-engine efficiency has no value."""
+
+    OK = 0
+    NO_ACTIVATION = 1
+    ACTIVATION_UNKNOWN = 2
+    VECTOR = 3
+    NO_TEMPERATURE = 4
+    NO_PARTNER = 5
+    NO_HEAT = 6
+
+
+EFFICIENCY_REASONS: dict[int, str] = {
+    0: "computed",
+    1: "the tensor feeds no activation (attention, embedding, output projection)",
+    2: "activation unknown (no config.json rule for this tensor)",
+    3: "1-D tensor (bias or norm gain)",
+    4: "no identified temperature at this step",
+    5: "no next layer in signal order with an identified temperature",
+    6: "no positive work or released heat over the run",
+}
+
+# code variable -> its table (annotate writes it into the variable's attrs)
+REASON_TABLES: dict[str, dict[int, str]] = {
+    "temperature_reason": TEMPERATURE_REASONS,
+    "free_energy_temperature_reason": FIT_REASONS,
+    "fit_k_reason": FIT_REASONS,
+    "heat_capacity_reason": FIT_REASONS,
+    "plateau_reason": FIT_REASONS,
+    "work_efficiency_reason": EFFICIENCY_REASONS,
+    "carnot_efficiency_reason": EFFICIENCY_REASONS,
+    "realized_efficiency_reason": EFFICIENCY_REASONS,
+}
+
+
+def reason_attrs(table: dict[int, str]) -> dict:
+    """CF-style attrs of a reason-code variable: flag_values, flag_meanings, reasons text."""
+    meanings = " ".join(
+        text.split(" (")[0].split(":")[0].replace(" ", "_") for text in table.values()
+    )
+    return {
+        "flag_values": list(table),
+        "flag_meanings": meanings,
+        "reasons": "; ".join(f"{code}: {text}" for code, text in table.items()),
+    }
