@@ -19,12 +19,12 @@ SIGMAS = (0.01, 0.02, 0.03)
 
 
 def test_checkpoint_windows_centred_shrinking_at_the_ends():
-    start, end = checkpoint_windows(15, 8, 4)
+    start, end = checkpoint_windows(15, 8, min_window=4)
     assert list(end - start) == [4, 5, 6, 7] + [8] * 7 + [7, 6, 5, 4]
     assert np.all((start <= np.arange(15)) & (np.arange(15) <= end))  # each window holds its step
     assert start.min() == 0 and end.max() == 14
     # too short a series: no window at all; trailing windows keep the old meaning
-    assert (checkpoint_windows(4, 8, 4)[0] == -1).all()
+    assert (checkpoint_windows(4, 8, min_window=4)[0] == -1).all()
     ts, te = checkpoint_windows(10, 8)
     assert list(ts) == [-1] * 8 + [0, 1] and list(te) == list(range(10))
 
@@ -79,7 +79,7 @@ def test_fifteen_checkpoints_get_a_map(tmp_path):
     """>= 80% of (layer, step) cells after the first 20% have T and its error, within 10%;
     the trailing window of the old estimator gave 58%."""
     truth = _series(tmp_path)
-    ds = add_temperature(_run_dataset(truth), 8, 4)
+    ds = add_temperature(_run_dataset(truth), 8, min_window=4)
     late = np.arange(15) >= 3
     temp, err = ds.temperature.values[late], ds.temperature_err.values[late]
     have = np.isfinite(temp) & np.isfinite(err) & (err > 0)
@@ -102,18 +102,18 @@ def test_fifteen_checkpoints_get_a_map(tmp_path):
 
 def test_every_masked_cell_has_its_reason(tmp_path):
     """Too few checkpoints, no LR log, spacing longer than the relaxation time: NaN + reason."""
-    short = add_temperature(_run_dataset(_series(tmp_path / "a", n_checkpoints=4)), 8, 4)
+    short = add_temperature(_run_dataset(_series(tmp_path / "a", n_checkpoints=4)), 8, min_window=4)
     assert np.isnan(short.temperature).all()
     assert (short.temperature_reason == R.TOO_FEW_CHECKPOINTS).all()
 
-    no_log = add_temperature(_run_dataset(_series(tmp_path / "b"), lr_log=False), 8, 4)
+    no_log = add_temperature(_run_dataset(_series(tmp_path / "b"), lr_log=False), 8, min_window=4)
     assert np.isnan(no_log.temperature).all()
     assert (no_log.temperature_reason == R.NO_LR_LOG).all()
     assert np.isfinite(no_log.diffusivity).all()  # D is still reported without the LR
 
     # every valley direction relaxes within one interval (lr h spacing from 3 to 30)
     series = _series(tmp_path / "c", spacing=1000, kappa=30.0, decades=1.0)
-    coarse = add_temperature(_run_dataset(series), 8, 4)
+    coarse = add_temperature(_run_dataset(series), 8, min_window=4)
     reason = coarse.temperature_reason.values
     assert (reason == R.SPACING_TOO_COARSE).mean() > 0.9
     assert np.all(np.isnan(coarse.temperature.values[reason != 0]))
@@ -123,7 +123,7 @@ def test_every_masked_cell_has_its_reason(tmp_path):
 
 def test_masked_layers_do_not_enter_global_temperature(tmp_path):
     truth = _series(tmp_path)
-    ds = add_temperature(_run_dataset(truth), 8, 4)
+    ds = add_temperature(_run_dataset(truth), 8, min_window=4)
     temp = ds.temperature.values.copy()
     temp[:, 0] = 1e3  # a wild value in layer 0 ...
     reason = ds.temperature_reason.values.copy()

@@ -116,7 +116,9 @@ def add_temperature(
     )
     ok = reason == TemperatureReason.IDENTIFIED
     temp, temp_err = temperature_from_diffusivity(
-        np.where(ok, used["diffusivity"], np.nan), np.where(ok, used["diffusivity_err"], np.nan), eta
+        np.where(ok, used["diffusivity"], np.nan),
+        np.where(ok, used["diffusivity_err"], np.nan),
+        eta,
     )
     d_ok = d_reason == TemperatureReason.IDENTIFIED
     diffusivity = np.where(d_ok, est["diffusivity"], np.nan)
