@@ -210,3 +210,28 @@ def test_inconsistent_or_missing_adapter_config(tmp_path, linear_series):
     with pytest.raises(InputError, match="no adapter_config.json") as e:
         discover(copy)
     assert "checkpoint-6" in str(e.value)
+
+
+def test_remote_adapter_series_and_base_equal_local(tmp_path, linear_series, dask_cluster):
+    """The adapter series and the base model served over HTTP (Range requests, 127.0.0.1):
+    the store equals the local one's."""
+    from remote_servers import http_server
+
+    from pipeline.analyze import analyze
+    from pipeline.settings import ClusterSettings, MeasureSettings
+    from pipeline.store.zarr_io import open_tree
+    from pipeline.testing.compare import largest_differences
+
+    run, base_file, _ = linear_series
+    settings = MeasureSettings(max_lag=2, entropy_sample=512, ensemble_window=4, block_elems=256)
+    cluster = ClusterSettings(scheduler_address=dask_cluster.scheduler_address)
+    local = analyze(run, tmp_path / "local.zarr", settings, cluster, base_model=base_file)
+    with http_server(run.parent) as server:
+        url = f"{server.url}/{run.name}"
+        base_url = f"{server.url}/base"  # the base model's folder
+        store = analyze(url, tmp_path / "http.zarr", settings, cluster, base_model=base_url)
+        ds = _node(store)
+        assert ds.attrs["lora_base"] == f"{base_url}/{base_file.name}"
+        assert list(ds.lora_part.values) == ["W0+dW"] * 2
+        diffs = largest_differences(open_tree(store), open_tree(local))
+        assert diffs and max(v for v in diffs.values() if v == v) == 0, diffs

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Run, TensorInfo, TensorSource
+from pipeline.ingest import remote
 from pipeline.ingest.safetensors_io import is_float_dtype, load_header, read_rows
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 10_000_000  # an adapter_config.json larger than this is refused
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 #: ``lora_part`` layer coordinate: what each analysed layer of an adapter series is.
 PART_MERGED, PART_DELTA, PART_A, PART_B = "W0+dW", "dW", "A", "B"
@@ -66,9 +68,10 @@ def read_adapter_config(path) -> AdapterConfig:
     """Parse and check ``adapter_config.json``; ``InputError`` naming it on any problem."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        cfg = json.loads(remote.read_bytes(path, MAX_CONFIG_BYTES).decode("utf-8"))
+    except OSError as e:
+        raise InputError(path, f"cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(path, f"cannot parse JSON ({str(e)[:120]})") from None
     if not isinstance(cfg, dict):
         raise InputError(path, "adapter_config.json is not a JSON object")
@@ -138,13 +141,13 @@ class BaseModel:
 
 def load_base_model(path) -> BaseModel:
     """Headers of the base model: a ``.safetensors`` file, or a folder of them (single or
-    sharded Hugging Face layout). Only headers are read."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(path):
+    sharded Hugging Face layout), local or a URL (``remote``). Only headers are read."""
+    path = remote.normalize(path)
+    if remote.isfile(path):
         files = [path]
-    elif os.path.isdir(path):
+    elif remote.isdir(path):
         files = sorted(
-            os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")
+            e.path for e in remote.entries(path) if e.name.endswith(".safetensors") and not e.is_dir
         )
     else:
         raise InputError(path, "base model not found (a .safetensors file or a folder of them)")
@@ -232,9 +235,9 @@ def lora_rows(
 
 def _adapter_config_of(ck: Checkpoint) -> str | None:
     """``adapter_config.json`` beside the checkpoint's files (PEFT's save_pretrained folder)."""
-    folders = {os.path.dirname(f) for f in ck.files.values()}
-    paths = [os.path.join(d, ADAPTER_CONFIG) for d in sorted(folders)]
-    return next((p for p in paths if os.path.isfile(p)), None)
+    folders = {remote.dirname(f) for f in ck.files.values()}
+    paths = [remote.join(d, ADAPTER_CONFIG) for d in sorted(folders)]
+    return next((p for p in paths if remote.isfile(p)), None)
 
 
 def adapt_run(run: Run, base: BaseModel | None = None, raw: bool = False) -> Run:
@@ -246,7 +249,7 @@ def adapt_run(run: Run, base: BaseModel | None = None, raw: bool = False) -> Run
         return run
     missing = [c for c, p in zip(run.checkpoints, paths) if p is None]
     if missing:
-        where = os.path.dirname(next(iter(missing[0].files.values())))
+        where = remote.dirname(next(iter(missing[0].files.values())))
         raise InputError(where, f"no {ADAPTER_CONFIG}, unlike the run's other checkpoints")
     configs = [read_adapter_config(p) for p in paths]
     first = configs[0]
