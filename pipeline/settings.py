@@ -54,11 +54,20 @@ class MeasureSettings:
     ensemble_window: int = 8
     # SVD metrics of 2-D+ weights (a 2-D layer is then one block, read once more per checkpoint)
     spectral: bool = False
+    # with spectral: spectra of every k-th checkpoint only (index 0, k, 2k, ... of the run;
+    # NaN elsewhere), k times less SVD work
+    spectral_every: int = 1
     # elements per cache slice (CPU); task memory ~ slice x 4 B x (max_lag + max(max_lag,
     # ensemble_window) + 1)
     slice_elems: int = 2**17
     # "auto": cuda where the worker sees a GPU
     device: str = "auto"
+
+    def __post_init__(self):
+        if self.spectral_every < 1:
+            raise InputError(
+                "params.yaml", f"measure.spectral_every must be >= 1, got {self.spectral_every}"
+            )
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,29 @@ def test_spectral_metrics_per_checkpoint_with_sliced_statistics(tmp_path):
                 out["spectral"][i], spectral_metrics(singular_values(v), ROWS, COLS), rtol=1e-10
             )
     np.testing.assert_allclose(out["sq_distance"], _direct_band(values, 5), rtol=1e-5)
+
+
+def test_spectral_every_k_th_checkpoint_and_nan_elsewhere(tmp_path):
+    """measure.spectral_every = 3: spectra at checkpoints 0, 3, 6, ... of the run, equal to the
+    every-checkpoint ones there, NaN elsewhere; a resumed task keeps the run's indices; the
+    other statistics do not change; 0 is refused in one line."""
+    from pipeline.core.errors import InputError
+
+    _, files, steps = _series(tmp_path)
+    every = MeasureSettings(spectral=True, slice_elems=200)
+    third = MeasureSettings(spectral=True, slice_elems=200, spectral_every=3)
+    full, sparse = (
+        measure_block(_task(files, steps), every),
+        measure_block(_task(files, steps), third),
+    )
+    for i in range(N_CKPT):
+        if i % 3 == 0:
+            np.testing.assert_array_equal(sparse["spectral"][i], full["spectral"][i])
+        else:
+            assert np.isnan(sparse["spectral"][i]).all()
+    np.testing.assert_array_equal(sparse["sq_distance"], full["sq_distance"])
+    resumed = measure_block(_task(files, steps, resume_from=10), third)
+    assert np.isnan(resumed["spectral"][0]).all()  # checkpoint 10
+    np.testing.assert_array_equal(resumed["spectral"][2], full["spectral"][12])
+    with pytest.raises(InputError, match="spectral_every"):
+        MeasureSettings(spectral_every=0)

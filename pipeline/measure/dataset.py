@@ -155,6 +155,7 @@ def measured_tree(manifest: Manifest, results: dict, settings: MeasureSettings) 
                 "source": manifest.root,
                 "skipped": json.dumps(manifest.skipped),
                 "spectral": int(settings.spectral),
+                "spectral_every": int(settings.spectral_every),
             }
         )
     }

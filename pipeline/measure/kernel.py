@@ -101,7 +101,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     out = merge_partials(parts)
     if settings.spectral and len(task.tensor.shape) >= 2:
         out["spectral"] = _spectral_series(
-            task, out["nonfinite"] == 0, resolve_device(settings.device)
+            task, out["nonfinite"] == 0, resolve_device(settings.device), settings.spectral_every
         )
     out["dtype"] = task.tensor.dtype
     return out
@@ -121,14 +121,17 @@ def _block_sample(task: BlockTask, settings: MeasureSettings) -> torch.Tensor:
     return entropy_subsample_indices(n_block, share, _layer_seed(task.tensor.name) + task.start)
 
 
-def _spectral_series(task: BlockTask, finite: np.ndarray, device: str) -> np.ndarray:
+def _spectral_series(
+    task: BlockTask, finite: np.ndarray, device: str, every: int = 1
+) -> np.ndarray:
     """(spectral entropy, stable rank) per checkpoint from ``resume_from`` on, of the whole 2-D
-    layer (``layer_blocks`` makes it one block); NaN where the checkpoint has NaN/Inf in it."""
+    layer (``layer_blocks`` makes it one block); NaN where the checkpoint has NaN/Inf in it and
+    at checkpoints whose index in the run is not a multiple of ``every``."""
     first = task.resume_from
     out = np.full((len(task.files) - first, 2), np.nan)
     buffer = torch.empty(task.tensor.n_params, dtype=torch.float32)
     for j, i in enumerate(range(first, len(task.files))):
-        if finite[j]:
+        if finite[j] and i % every == 0:
             matrix = read_block(task.files[i], task.tensor, task.start, task.stop, out=buffer)
             out[j] = _spectral(matrix.reshape(task.stop - task.start, -1).to(device))
     return out
