@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.core.manifest import Manifest
 from pipeline.ingest.discovery import discover
+from pipeline.ingest.selection import select
 from pipeline.measure.dataset import measured_tree
 from pipeline.measure.graph import Progress, measure_manifest
 from pipeline.settings import ClusterSettings, MeasureSettings, ThermoSettings, thermo_settings
@@ -25,14 +26,20 @@ def analyze(
     cache_dir=None,
     progress: Progress | None = None,
     manifest: Manifest | None = None,
+    steps: str | None = None,
+    layers: str | None = None,
 ) -> Path:
     """Index, measure and derive the thermodynamics of the checkpoints under ``path``
     (``manifest``: the result of ``discover(path, skip_bad, ...)`` when the caller already has
-    it). ``base_model`` / ``lora_raw``: for a LoRA adapter series (see ``discover``)."""
+    it; ``steps``/``layers`` then do not apply). ``base_model`` / ``lora_raw``: for a LoRA
+    adapter series (see ``discover``). ``steps`` / ``layers``: the checkpoints and layers to
+    analyse (``ingest.selection``: "100:2000", "::5"; globs or "re:<regex>"). ``path`` may be
+    a URL (s3://, gs://, https://, hf://)."""
     from pipeline.thermo.derive import derive  # thermo depends on the measured schema built here
 
     measure, cluster = measure or MeasureSettings(), cluster or ClusterSettings()
-    manifest = manifest or discover(path, skip_bad, base_model, lora_raw)
+    if manifest is None:
+        manifest = select(discover(path, skip_bad, base_model, lora_raw), steps, layers)
     cache_dir = cache_dir or Path(store).with_name(f".{Path(store).name}.cache")
     results = measure_manifest(manifest, measure, cluster, cache_dir, progress)
     tree = derive(measured_tree(manifest, results, measure), thermo_settings(thermo_params))

@@ -24,6 +24,8 @@ EPILOG = """examples:
   thermoscope analyze ckpts --store out.zarr --scheduler tcp://10.0.0.5:8786
   thermoscope report my_run.zarr --out my_report                # -> my_report/index.html
   thermoscope check runs/my_run                                 # validate inputs only
+  thermoscope check s3://bucket/run --steps 1000:5000 --layers '*attn*'  # + bytes and time
+  thermoscope analyze hf://EleutherAI/pythia-70m --store p.zarr --steps ::10  # Hub revisions
   thermoscope demo data/demo                                    # generate the demo series
 
 exit codes: 0 ok, 1 check found bad files, 2 bad input, 3 internal error, 130 interrupted
@@ -97,8 +99,21 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
     r.add_argument("store")
     r.add_argument("--out", required=True, help="report folder (index.html, metrics.json, plots/)")
-    c = sub.add_parser("check", help="validate every input file, compute nothing", **common)
-    c.add_argument("path")
+    c = sub.add_parser(
+        "check",
+        help="validate every input file and print the bytes to read and the time it will take",
+        **common,
+    )
+    c.add_argument("path", help="run or sweep folder, or its URL")
+    for sp in (a, c):
+        sp.add_argument(
+            "--steps",
+            default=None,
+            help='checkpoints: "100:2000" (steps, inclusive), "::5" (every 5th), "100:2000:5"',
+        )
+        sp.add_argument(
+            "--layers", default=None, help='layers: globs "*attn*,lm_head.weight" or "re:<regex>"'
+        )
     d = sub.add_parser("demo", help="generate the demo series (real training on digits)", **common)
     d.add_argument("root", nargs="?", default="data/demo")
     return p
@@ -117,6 +132,8 @@ def _settings(args):
             skip_bad=args.skip_bad or settings.checkpoints.skip_bad,
             base_model=args.base_model or settings.checkpoints.base_model,
             lora_raw=args.lora_raw or settings.checkpoints.lora_raw,
+            steps=args.steps or settings.checkpoints.steps,
+            layers=args.layers or settings.checkpoints.layers,
         ),
         measure=replace(settings.measure, spectral=args.spectral or settings.measure.spectral),
         dask=replace(
@@ -130,13 +147,14 @@ def _settings(args):
 
 def _analyze(args, progress) -> dict:
     from pipeline.ingest.discovery import discover
+    from pipeline.ingest.selection import select
 
     settings = _settings(args)
     ck = settings.checkpoints
     skip = ck.skip_bad
     # Validate every input (headers only) before loading torch/Dask: bad input fails in well
     # under a second; the manifest is then handed to analyze().
-    manifest = discover(args.path, skip, ck.base_model, ck.lora_raw)
+    manifest = select(discover(args.path, skip, ck.base_model, ck.lora_raw), ck.steps, ck.layers)
     # worker processes may be forked: start their imports now, beside this process's
     forkserver.start_early(settings.dask)
 
@@ -163,13 +181,18 @@ def _report(args, progress) -> dict:
 
 
 def _check(args, progress) -> dict:
-    from pipeline.ingest.validate import check, format_table
+    from pipeline.ingest.validate import check_and_plan, format_plan, format_table
 
-    rows = check(args.path)
+    rows, plan = check_and_plan(args.path, args.steps, args.layers)
     if not args.json_log:
+        if plan:  # before the table, whose last line is the count
+            print(format_plan(plan))
         print(format_table(rows))
     bad = sum(r["verdict"] != "ok" for r in rows)
-    return {"files": len(rows), "bad": bad, "exit": 1 if bad else 0}
+    out = {"files": len(rows), "bad": bad, "exit": 1 if bad else 0}
+    if plan:
+        out.update(bytes_to_read=plan["bytes"], estimated_seconds=list(plan["seconds"]))
+    return out
 
 
 def _demo(args, progress) -> dict:

@@ -22,7 +22,8 @@ from pipeline.core.errors import InputError
 class CheckpointSettings:
     """params.yaml ``checkpoints``: the series to analyse."""
 
-    # a run folder or a sweep folder (folder of run folders)
+    # a run folder or a sweep folder (folder of run folders); local, or s3://, gs://, https://,
+    # hf:// (see ingest/remote.py)
     dir: str = "data/demo"
     # skip unreadable checkpoints (recorded in the store) instead of failing
     skip_bad: bool = False
@@ -31,6 +32,11 @@ class CheckpointSettings:
     base_model: str | None = None
     # LoRA adapter series: also analyse the raw A and B of each adapted module
     lora_raw: bool = False
+    # checkpoints to analyse: "START:STOP" (steps, inclusive), "::K" (every K-th), both
+    # "START:STOP:K"; None: all (ingest/selection.py)
+    steps: str | None = None
+    # layers to analyse: comma-separated globs ("*attn*"), or "re:<regex>"; None: all
+    layers: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,17 @@ from pipeline.settings import Settings, load_settings
 def index(settings: Settings) -> None:
     """Scan checkpoints.dir (generating the demo first when it points at demo.dir)."""
     from pipeline.ingest.discovery import discover
+    from pipeline.ingest.remote import is_url
+    from pipeline.ingest.selection import select
 
-    source = Path(settings.checkpoints.dir)
-    if source.resolve() == Path(settings.demo.dir).resolve():
+    ck = settings.checkpoints
+    source = ck.dir  # a folder or a URL (s3://, https://, hf://, ...): not a Path
+    if not is_url(source) and Path(source).resolve() == Path(settings.demo.dir).resolve():
         from pipeline.demo import make_demo
 
         make_demo(source)
-    ck = settings.checkpoints
     manifest = discover(source, ck.skip_bad, ck.base_model, ck.lora_raw)
+    manifest = select(manifest, ck.steps, ck.layers)
     write_text(Path(settings.paths.manifest), manifest.to_json())
 
 

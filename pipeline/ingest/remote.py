@@ -320,6 +320,17 @@ def _cached_range(url: str, start: int, end: int) -> bytes:
     return data
 
 
+def read_uncached(url: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` straight from the server (the pre-flight's rate probe)."""
+    fs, p = _fs(url)
+    failure = None
+    try:
+        return fs.cat_file(p, start=start, end=end)
+    except Exception as e:  # noqa: BLE001
+        failure = f"reading bytes [{start}, {end}) failed ({type(e).__name__}: {str(e)[:160]})"
+    raise InputError(url, failure)
+
+
 def read_bytes(path: str, limit: int) -> bytes:
     """A whole small file (an index, a log, a config), refused when over ``limit`` bytes."""
     size, _ = stat(path) if is_url(path) else (os.path.getsize(local(path)), "")

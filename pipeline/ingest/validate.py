@@ -1,14 +1,22 @@
 """``thermoscope check``: a verdict for every candidate file, without computing anything.
 
 Runs every validation of discovery (headers, steps, shard indexes, cross-checkpoint tensor
-consistency, logs, config) and reports all problems instead of stopping at the first.
+consistency, logs, config) and reports all problems instead of stopping at the first. Then
+the pre-flight (``plan``): the bytes the measurement will read (after ``--steps``/``--layers``)
+and an estimated time, at a rate measured on the series itself when it is remote.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
-from pipeline.ingest.discovery import Problem, scan
+from pipeline.ingest import remote, selection
+from pipeline.ingest.discovery import Problem, Scan, scan
+
+#: local read rate of the default measurement on the 2-core test machine (README), bytes/s
+LOCAL_RATE = (0.47e9, 0.76e9)
+_PROBE_BYTES = 4 << 20  # the timed remote read of the pre-flight
 
 
 def _row(path: str, verdict: str, reason: str) -> dict:
@@ -48,7 +56,59 @@ def check(path) -> list[dict]:
     (safetensors files, shard indexes, logs, config.json), then folder-level rows for each run
     (cross-checkpoint problems such as changed shapes or missing tensors, bad logs) and for the
     root when nothing usable is found. Never raises for bad input."""
+    return rows_of(scan(path))
+
+
+def check_and_plan(path, steps=None, layers=None) -> tuple[list[dict], dict | None]:
+    """``check``'s rows and the pre-flight ``plan`` of what is usable (None when nothing is)."""
     s = scan(path)
+    return rows_of(s), plan(s, steps, layers) if s.runs else None
+
+
+def _probe(s: Scan, runs) -> tuple[float, str]:
+    """(bytes/s, how it was obtained): one timed, uncached range read of up to 4 MiB from the
+    largest tensor of the first checkpoint, for a remote series."""
+    run = runs[0]
+    t = max(run.tensors, key=lambda t: t.n_params * selection.DTYPES[t.dtype].itemsize)
+    path = run.checkpoints[0].files[t.name]
+    size, _ = remote.stat(path)
+    n = min(_PROBE_BYTES, size)
+    started = time.perf_counter()
+    remote.read_uncached(path, size - n, size)
+    seconds = max(time.perf_counter() - started, 1e-6)
+    return n / seconds, f"measured now: {n} bytes in {seconds:.3f} s from {path}"
+
+
+def plan(s: Scan, steps=None, layers=None) -> dict:
+    """Bytes to read and the estimated time: ``bytes``, ``series_bytes`` (all tensors of all
+    checkpoints), ``seconds`` (low, high), ``rate`` (bytes/s, low and high) and ``rate_from``.
+    Local: the README's measured range; remote: one timed range read (single stream; parallel
+    workers may be faster, the measurement itself slower)."""
+    runs = [selection.select_run(r, steps, layers) for r in s.runs]
+    out = {"bytes": selection.bytes_to_read(runs), "series_bytes": selection.bytes_to_read(s.runs)}
+    if remote.is_url(s.root):
+        rate, how = _probe(s, runs)
+        out["rate"], out["rate_from"] = (rate, rate), how
+    else:
+        out["rate"], out["rate_from"] = LOCAL_RATE, "the README's local range (2 cores)"
+    out["seconds"] = (out["bytes"] / out["rate"][1], out["bytes"] / out["rate"][0])
+    return out
+
+
+def format_plan(p: dict) -> str:
+    """The pre-flight as two lines."""
+    lo, hi = p["seconds"]
+    rate = " - ".join(f"{r / 1e6:.1f}" for r in sorted(set(p["rate"])))
+    span = f"{lo:.3g} s" if lo == hi else f"{lo:.3g}-{hi:.3g} s"
+    return (
+        f"pre-flight: {p['bytes']} bytes to read ({p['bytes'] / max(p['series_bytes'], 1):.1%} "
+        f"of the series' {p['series_bytes']} bytes); estimated {span} at {rate} MB/s\n"
+        f"rate: {p['rate_from']}"
+    )
+
+
+def rows_of(s: Scan) -> list[dict]:
+    """The verdict rows of one scan (see ``check``)."""
     by_path: dict[str, list[str]] = {}
     for p in s.problems:
         if p.scope == "file":
@@ -70,9 +130,13 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "no files checked"
     paths = [r["path"] for r in rows]
-    base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    base = base if os.path.isdir(base) else os.path.dirname(base)
-    shown = [os.path.relpath(p, base) if base else p for p in paths]
+    if any(remote.is_url(p) for p in paths):
+        base = os.path.commonprefix(paths).rsplit("/", 1)[0]
+        shown = [p[len(base) + 1 :] or p for p in paths]
+    else:
+        base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        base = base if os.path.isdir(base) else os.path.dirname(base)
+        shown = [os.path.relpath(p, base) if base else p for p in paths]
     width = max(len(s) for s in shown)
     lines = [f"{'verdict':7}  {'path':{width}}  reason", f"{'-' * 7}  {'-' * width}  {'-' * 6}"]
     lines += [f"{r['verdict']:7}  {s:{width}}  {r['reason']}" for r, s in zip(rows, shown)]
