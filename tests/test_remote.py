@@ -197,3 +197,48 @@ def test_cache_key_follows_the_file_version(tmp_path):
         remote.forget()
         remote.record_stat(url)
         assert remote.read_range(url, 0, 16) == Path(path).read_bytes()[:16] != before
+
+
+def test_a_row_block_costs_its_bytes_not_the_file(tmp_path):
+    """One block of a 16 MiB tensor: the server sends that block (plus the header) and the
+    reader's peak Python allocation is a small multiple of the block, as for a local file."""
+    import tracemalloc
+
+    import torch
+
+    from pipeline.ingest.safetensors_io import load_header, read_rows
+
+    big = torch.randn(4096, 1024)
+    path = cf.write_file(tmp_path / "big.safetensors", {"w": big})
+    with http_server(tmp_path) as server:
+        url = f"{server.url}/big.safetensors"
+        load_header(url)  # header + version, as the index stage does
+        before = server.bytes_sent
+        tracemalloc.start()
+        rows = read_rows(url, "w", 1000, 1064)  # 64 rows = 256 KiB
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        block = 64 * 1024 * 4
+        assert server.bytes_sent - before == block
+        assert peak < 3 * block, peak
+        assert torch.equal(rows, big[1000:1064])
+        print(
+            f"block {block} B: sent {server.bytes_sent - before} B, peak {peak} B "
+            f"of a {Path(path).stat().st_size}-byte file"
+        )
+
+
+def test_index_stage_takes_a_url_as_checkpoints_dir(local_series, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.core.manifest import Manifest
+    from pipeline.settings import Settings
+    from pipeline.stages import index
+
+    run, _ = local_series
+    with http_server(run.parent) as server:
+        settings = Settings.from_params({"checkpoints": {"dir": f"{server.url}/run"}})
+        paths = replace(settings.paths, manifest=str(tmp_path / "m.json"))
+        index(replace(settings, paths=paths))
+    manifest = Manifest.from_json((tmp_path / "m.json").read_text())
+    assert manifest.root == f"{server.url}/run" and manifest.runs[0].steps == [0, 10, 20, 30, 40]

@@ -162,7 +162,8 @@ def _url_entries(url: str) -> list[Entry]:
 
 
 def _version(info: dict) -> str:
-    for key in ("ETag", "etag", "LastModified", "last_modified", "Last-Modified", "mtime"):
+    keys = ("ETag", "etag", "blob_id", "md5Hash", "generation", "LastModified", "last_modified")
+    for key in (*keys, "Last-Modified", "mtime"):
         if info.get(key):
             return f"{key}={str(info[key]).strip(chr(34))}"
     return ""

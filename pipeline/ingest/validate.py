@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from pipeline.core.errors import InputError
 from pipeline.ingest import remote, selection
 from pipeline.ingest.discovery import Problem, Scan, scan
 
@@ -87,7 +88,10 @@ def plan(s: Scan, steps=None, layers=None) -> dict:
     runs = [selection.select_run(r, steps, layers) for r in s.runs]
     out = {"bytes": selection.bytes_to_read(runs), "series_bytes": selection.bytes_to_read(s.runs)}
     if remote.is_url(s.root):
-        rate, how = _probe(s, runs)
+        try:
+            rate, how = _probe(s, runs)
+        except InputError as e:  # the estimate is lost, not the check
+            rate, how = float("nan"), f"probe failed: {e}"
         out["rate"], out["rate_from"] = (rate, rate), how
     else:
         out["rate"], out["rate_from"] = LOCAL_RATE, "the README's local range (2 cores)"
