@@ -87,6 +87,9 @@ class ThermoSettings:
     # checkpoints over which the macroscopic state must be stationary
     equilibrium_window: int = 8
     equilibrium_rel_tol: float = 0.05
+    # a plateau is stationary when its loss and global T change by less than this (relative)
+    # over the run's second half; only stationary plateaus enter the sweep fits
+    stationarity_rel_tol: float = 0.05
     # step of a data shift (Type II state temperature), or None
     data_shift_step: int | None = None
     # the optimizer that relates displacement to temperature: auto (the optimizer state saved

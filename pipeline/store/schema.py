@@ -294,6 +294,41 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "fit_k": ("1", "power-law exponent k of T = b lr^k", "thermodynamics.fit_power_law"),
     "fit_k_err": ("1", "1-sigma uncertainty of k", "thermodynamics.fit_power_law"),
+    "loss_trend": (
+        "1",
+        "|loss trend| over the run's second half / mean loss (stationarity test)",
+        "thermo.sweep.relative_trend",
+    ),
+    "temperature_trend": (
+        "1",
+        "|global T trend| over the run's second half / mean T (stationarity test)",
+        "thermo.sweep.relative_trend",
+    ),
+    "plateau_reason": (
+        "1",
+        "0: a stationary constant-LR plateau used by the sweep fits; else why not",
+        "thermo.sweep._plateau",
+    ),
+    "free_energy_temperature_reason": (
+        "1",
+        "why the free-energy temperature is refused (0: accepted; table in attrs)",
+        "thermo.sweep._free_energy",
+    ),
+    "heat_capacity_reason": (
+        "1",
+        "why the heat capacity is refused (0: accepted; table in attrs)",
+        "thermo.sweep._heat_capacity",
+    ),
+    "fit_k_reason": (
+        "1",
+        "why the power-law fit is refused (0: accepted; table in attrs)",
+        "thermo.sweep._power_law",
+    ),
+    "lr_proportional": (
+        "1",
+        "T proportional to lr: 1 |k-1| <= tolerance, 0 rejected beyond 2 k_err, -1 undecided",
+        "thermo.sweep._power_law",
+    ),
     "heat_capacity": (
         "1",
         "C = dU/dT between runs adjacent in temperature (loss/loss)",

@@ -20,5 +20,5 @@ def derive(tree: xr.DataTree, settings: ThermoSettings | dict | None = None) -> 
     }
     nodes.update({f"/{name}": ds for name, ds in runs.items()})
     if len(runs) >= 2:
-        nodes["/sweep"] = sweep_dataset(runs)
+        nodes["/sweep"] = sweep_dataset(runs, settings.stationarity_rel_tol)
     return xr.DataTree.from_dict(nodes)
