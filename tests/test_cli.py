@@ -408,11 +408,12 @@ def test_nonfinite_counted_exactly_where_they_are(diverging):
     for name in ("weight_mean", "weight_rms", "gaussian_entropy"):
         assert np.isfinite(ds[name].sel(layer=healthy).values).all(), name
     assert np.isfinite(ds.msd.sel(layer=healthy).values[1:]).all()
-    for name in ("diffusivity", "temperature"):
-        values = ds[name].sel(layer=healthy).values
-        has = np.isfinite(values).any(axis=1)
-        assert has[np.array(steps) >= DIVERGES_AT].any(), name
-        assert np.isfinite(values[has]).all(), name
+    # the healthy layers' temperature cells are judged on their own data (this fixture's
+    # weights are independent draws, not a diffusion: refused as spacing too coarse), never
+    # as missing values because another layer diverged; a value exactly where reason is 0
+    reason = ds.temperature_reason.sel(layer=healthy).values
+    assert reason.size and not (reason == 6).any()
+    assert (np.isfinite(ds.temperature.sel(layer=healthy).values) == (reason == 0)).all()
 
 
 # ---------------------------------------------------------------- help
