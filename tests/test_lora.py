@@ -235,3 +235,25 @@ def test_remote_adapter_series_and_base_equal_local(tmp_path, linear_series, das
         assert list(ds.lora_part.values) == ["W0+dW"] * 2
         diffs = largest_differences(open_tree(store), open_tree(local))
         assert diffs and max(v for v in diffs.values() if v == v) == 0, diffs
+
+
+def test_check_lists_adapter_configs_and_plans_factor_bytes(tmp_path, linear_series):
+    """`thermoscope check` on an adapter series: the configs are verdict rows, a bad one is an
+    error row naming it, and the pre-flight counts A and B at each checkpoint (W0 once)."""
+    import shutil
+
+    from pipeline.ingest.validate import check_and_plan
+
+    run, base_file, _ = linear_series
+    rows, plan = check_and_plan(run, layers="fc1*")
+    configs = [r for r in rows if r["path"].endswith(ADAPTER_CONFIG)]
+    assert len(configs) == 8 and all(r["verdict"] == "ok" for r in configs)
+    factors = (4 * 64 + 32 * 4) * 4  # fc1's A (4 x 64) and B (32 x 4), float32
+    assert plan["bytes"] == 8 * factors
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoint-9" / ADAPTER_CONFIG).write_text('{"r": 4}')
+    rows, plan = check_and_plan(copy)
+    bad = [r for r in rows if r["verdict"] == "error"]
+    assert bad and bad[0]["path"].endswith(f"checkpoint-9/{ADAPTER_CONFIG}")
+    assert "lora_alpha None is not a number" in bad[0]["reason"]

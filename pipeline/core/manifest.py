@@ -24,7 +24,7 @@ class TensorSource:
     weight is stored (in, out), GPT-2's Conv1D), plus ``W0[a:b]`` of ``base_name`` in
     ``base_file`` when a base model is given. ``lora_a`` / ``lora_b`` are tensor names in the
     checkpoint's own (adapter) file; ``base_digest`` identifies the base file's header, size
-    and mtime (the measure cache keys on it)."""
+    and mtime (the measure cache keys on it); the byte counts feed the pre-flight estimate."""
 
     lora_a: str
     lora_b: str
@@ -34,6 +34,8 @@ class TensorSource:
     base_file: str | None = None
     base_name: str | None = None
     base_digest: str | None = None
+    factor_bytes: int = 0  # bytes of A and B in each adapter file (read at every checkpoint)
+    base_bytes: int = 0  # bytes of W0 (the same rows at every checkpoint: read once)
 
 
 @dataclass(frozen=True)

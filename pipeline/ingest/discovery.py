@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Manifest, Run, TensorInfo, TrainingLog
 from pipeline.ingest import layouts, remote
-from pipeline.ingest.lora import adapt_run, load_base_model
+from pipeline.ingest.lora import adapt_run, adapter_configs, load_base_model
 from pipeline.ingest.optimizer_state import read_run_optimizer
 from pipeline.ingest.safetensors_io import Header, is_float_dtype, load_header
 from pipeline.ingest.training_log import (
@@ -382,7 +382,7 @@ def _run_extras(run_dir: str, tensors: list[TensorInfo], out: Scan) -> tuple[Tra
     return log, acts
 
 
-def _scan_run(name: str, run_dir: str, out: Scan) -> None:
+def _scan_run(name: str, run_dir: str, out: Scan, base=None, lora_raw: bool = False) -> None:
     cks = _consistent(_candidates(run_dir, out), out)
     if not cks:
         out.problems.append(Problem(run_dir, "no usable checkpoints in this run", scope="run"))
@@ -396,7 +396,14 @@ def _scan_run(name: str, run_dir: str, out: Scan) -> None:
     ]
     optimizer, states = read_run_optimizer(run_dir, [c.files for c in checkpoints], tensors)
     checkpoints = [_with_state(c, s, out) for c, s in zip(checkpoints, states)]
-    out.runs.append(Run(name, run_dir, checkpoints, tensors, log, acts, optimizer))
+    run = Run(name, run_dir, checkpoints, tensors, log, acts, optimizer)
+    try:  # a PEFT adapter series: one layer per adapted module
+        run = adapt_run(run, base, lora_raw)
+    except InputError as e:
+        out.problems.append(Problem(e.path, e.reason, e.tensor))
+        return
+    out.files.update(dict.fromkeys(filter(None, adapter_configs(run)), "LoRA adapter config"))
+    out.runs.append(run)
 
 
 def _with_state(c: Checkpoint, state: dict, out: Scan) -> Checkpoint:
@@ -410,8 +417,9 @@ def _with_state(c: Checkpoint, state: dict, out: Scan) -> Checkpoint:
     return Checkpoint(c.step, c.files, hashlib.sha256(ident).hexdigest(), state)
 
 
-def scan(path) -> Scan:
-    """Collect runs, problems and candidate files under ``path`` without raising."""
+def scan(path, base=None, lora_raw: bool = False) -> Scan:
+    """Collect runs, problems and candidate files under ``path`` without raising. ``base``
+    (``lora.BaseModel``) and ``lora_raw``: the layers of a LoRA adapter series (``discover``)."""
     remote.forget()
     root = remote.normalize(path)
     out = Scan(root)
@@ -442,7 +450,7 @@ def scan(path) -> Scan:
         )
     for name, d in runs:
         out.run_dirs.append(d)
-        _scan_run(name, d, out)
+        _scan_run(name, d, out, base, lora_raw)
     return out
 
 
@@ -460,13 +468,12 @@ def discover(path, skip_bad: bool = False, base_model=None, lora_raw: bool = Fal
     in ``Manifest.skipped`` as (path, reason) and left out; it still raises when nothing usable
     remains.
     """
-    s = scan(path)
+    base = load_base_model(base_model) if base_model else None
+    s = scan(path, base, lora_raw)
     if s.problems and (not skip_bad or not s.runs):
         first = s.problems[0]
         more = len(s.problems) - 1
         suffix = f" (+{more} more problems; `thermoscope check` lists them all)" if more else ""
         raise InputError(first.path, first.reason + suffix, first.tensor)
     skipped = [(p.path, p.text()) for p in s.problems] + s.ignored
-    base = load_base_model(base_model) if base_model else None
-    runs = [adapt_run(run, base, lora_raw) for run in s.runs]
-    return Manifest(root=s.root, runs=runs, skipped=skipped)
+    return Manifest(root=s.root, runs=s.runs, skipped=skipped)

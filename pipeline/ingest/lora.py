@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import Checkpoint, Run, TensorInfo, TensorSource
 from pipeline.ingest import remote
-from pipeline.ingest.safetensors_io import is_float_dtype, load_header, read_rows
+from pipeline.ingest.safetensors_io import DTYPES, is_float_dtype, load_header, read_rows
 
 if TYPE_CHECKING:
     import torch
@@ -165,13 +165,19 @@ def load_base_model(path) -> BaseModel:
     return BaseModel(path, tensors, digests)
 
 
+def _nbytes(t: TensorInfo) -> int:
+    return t.n_params * DTYPES[t.dtype].itemsize
+
+
 def _virtual(
     module: str, a: TensorInfo, b: TensorInfo, cfg: AdapterConfig, base: BaseModel | None
 ) -> TensorInfo:
     r, (out_dim, in_dim) = a.shape[0], (b.shape[0], a.shape[1])
     shape = (in_dim, out_dim) if cfg.fan_in_fan_out else (out_dim, in_dim)
+    factors = _nbytes(a) + _nbytes(b)
     source = TensorSource(a.name, b.name, r, cfg.scale(module, r), cfg.fan_in_fan_out)
     if base is None:
+        source = replace(source, factor_bytes=factors)
         return TensorInfo(f"{module}.delta_weight", shape, "F32", source)
     hit = base.find(module)
     if hit is None:
@@ -179,8 +185,13 @@ def _virtual(
     file, w0 = hit
     if tuple(w0.shape) != shape:
         raise InputError(file, f"base weight {w0.shape} does not match the update {shape}", w0.name)
-    source = TensorSource(
-        a.name, b.name, r, source.scale, cfg.fan_in_fan_out, file, w0.name, base.digests[file]
+    source = replace(
+        source,
+        base_file=file,
+        base_name=w0.name,
+        base_digest=base.digests[file],
+        factor_bytes=factors,
+        base_bytes=_nbytes(w0),
     )
     return TensorInfo(w0.name, shape, "F32", source)
 
@@ -240,11 +251,16 @@ def _adapter_config_of(ck: Checkpoint) -> str | None:
     return next((p for p in paths if remote.isfile(p)), None)
 
 
+def adapter_configs(run: Run) -> list[str | None]:
+    """The ``adapter_config.json`` of each checkpoint of ``run`` (None where there is none)."""
+    return [_adapter_config_of(c) for c in run.checkpoints]
+
+
 def adapt_run(run: Run, base: BaseModel | None = None, raw: bool = False) -> Run:
     """``run`` with its adapter tensors replaced by one layer per adapted module (see
     ``adapter_tensors``) when its checkpoints are PEFT adapter folders; unchanged otherwise.
     Every checkpoint must carry an ``adapter_config.json`` with the same scale and layout."""
-    paths = [_adapter_config_of(c) for c in run.checkpoints]
+    paths = adapter_configs(run)
     if not any(paths):
         return run
     missing = [c for c, p in zip(run.checkpoints, paths) if p is None]
@@ -258,10 +274,8 @@ def adapt_run(run: Run, base: BaseModel | None = None, raw: bool = False) -> Run
             raise InputError(cfg.path, f"LoRA scale or layout differs from {first.path}")
     tensors = adapter_tensors(run.tensors, first, base, raw)
     checkpoints = [
-        Checkpoint(
-            c.step,
-            {t.name: c.files[t.source.lora_a if t.source else t.name] for t in tensors},
-            c.header_hash,
+        replace(
+            c, files={t.name: c.files[t.source.lora_a if t.source else t.name] for t in tensors}
         )
         for c in run.checkpoints
     ]

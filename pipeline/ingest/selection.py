@@ -14,7 +14,7 @@ import re
 from dataclasses import replace
 
 from pipeline.core.errors import InputError
-from pipeline.core.manifest import Manifest, Run
+from pipeline.core.manifest import Manifest, Run, TensorInfo
 from pipeline.ingest.safetensors_io import DTYPES
 
 
@@ -88,5 +88,12 @@ def select(manifest: Manifest, steps: str | None = None, layers: str | None = No
 def bytes_to_read(runs: list[Run]) -> int:
     """Bytes of tensor data the measurement reads: every selected tensor of every selected
     checkpoint, once."""
-    per = [sum(t.n_params * DTYPES[t.dtype].itemsize for t in r.tensors) for r in runs]
-    return sum(n * len(r.checkpoints) for n, r in zip(per, runs))
+    return sum(_tensor_bytes(t, len(r.checkpoints)) for r in runs for t in r.tensors)
+
+
+def _tensor_bytes(t: TensorInfo, n_checkpoints: int) -> int:
+    """A stored tensor's data at each checkpoint; a LoRA layer's A and B at each and its base
+    weight W0 once (the same rows at every checkpoint come from the page or disk cache)."""
+    if t.source is not None:
+        return n_checkpoints * t.source.factor_bytes + t.source.base_bytes
+    return n_checkpoints * t.n_params * DTYPES[t.dtype].itemsize
