@@ -1,15 +1,17 @@
-"""Demo checkpoint series: a small MLP trained with plain SGD on scikit-learn's digits.
+"""Demo checkpoint series: a small MLP trained with plain SGD (and one AdamW run) on
+scikit-learn's digits.
 
 Real training on real data, saved in the Hugging Face Trainer layout so that the whole
 pipeline (discovery, logs, activations, measurement, temperatures) runs on it unchanged:
 
     root/<run>/config.json                         activation after each layer
     root/<run>/checkpoint-<step>/model.safetensors  parameters at <step> (step 0 = init)
+    root/<run>/checkpoint-<step>/optimizer.pt       torch.optim state_dict (SGD or AdamW)
     root/<run>/checkpoint-<step>/trainer_state.json log_history up to <step>
     root/demo.json                                  settings marker, written last
 
-``make_demo`` writes one run with a warmup -> constant -> decay schedule and a sweep of
-constant-LR runs; see METHODS.md for what each is for.
+``make_demo`` writes one run with a warmup -> constant -> decay schedule, a sweep of
+constant-LR SGD runs and one constant-LR AdamW run; see METHODS.md for what each is for.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.core.atomic import replace_dir, write_text
 from pipeline.core.errors import InputError
 from pipeline.ingest.safetensors_io import DTYPES, torch_dtype
 
-DEMO_FORMAT = 1  # bump when the files written change, so old demos are regenerated
+DEMO_FORMAT = 2  # bump when the files written change, so old demos are regenerated
 MARKER = "demo.json"
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -212,6 +214,7 @@ def _write_json(path: Path, obj) -> None:
 def _save_checkpoint(
     run_dir: Path,
     model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     step: int,
     dtype: torch.dtype,
     history: list[dict],
@@ -224,6 +227,7 @@ def _save_checkpoint(
     save_file(
         tensors, str(ckpt / "model.safetensors"), metadata={"step": str(step), "format": "pt"}
     )
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")  # as the HF Trainer does
     state = {
         "global_step": step,
         "max_steps": n_steps,
@@ -272,9 +276,14 @@ def train_digits_run(
     activations=("tanh", "relu"),
     dtype: str = "F32",
     label_noise: float = 0.0,
+    optimizer: str = "sgd",
 ) -> Path:
-    """Train ``DigitsMLP`` with plain minibatch SGD (no momentum, no weight decay) on the
-    standardized digits training split and save a Trainer-layout series under ``out_dir``.
+    """Train ``DigitsMLP`` with plain minibatch SGD (no momentum, no weight decay; or with
+    ``optimizer="adamw"``: ``torch.optim.AdamW``, weight decay 0.01 on the weight matrices as the
+    HF Trainer groups them) on the standardized digits training split and save a
+    Trainer-layout series (``model.safetensors``, ``optimizer.pt``, ``trainer_state.json``) under
+    ``out_dir``. The saved optimizer state holds the next update's learning rate, as after the
+    Trainer's scheduler step.
 
     The update from step s to s+1 uses ``lr_schedule(s)``; the log entry at step t records
     ``learning_rate = lr_schedule(t)`` (the rate of the next update, as the HF Trainer logs
@@ -295,18 +304,19 @@ def train_digits_run(
     with _deterministic(seed):
         model = DigitsMLP(hidden, activations)
         batches = _batches(len(data.y_train), batch_size, torch.Generator().manual_seed(seed))
+        opt = _optimizer(model, optimizer, _lr(lr_schedule, 0, out_dir))
         history = [_log_entry(model, data, 0, _lr(lr_schedule, 0, out_dir), batch_size)]
-        _save_checkpoint(out_dir, model, 0, torch_dtype(dtype), history, n_steps, checkpoint_every)
+        save = (torch_dtype(dtype), history, n_steps, checkpoint_every)
+        _save_checkpoint(out_dir, model, opt, 0, *save)
         for step in range(n_steps):
-            _sgd_step(model, data, next(batches), _lr(lr_schedule, step, out_dir))
+            _train_step(model, opt, data, next(batches), _lr(lr_schedule, step, out_dir))
             done = step + 1
             if done % checkpoint_every == 0 or done == n_steps:
-                history.append(
-                    _log_entry(model, data, done, _lr(lr_schedule, done, out_dir), batch_size)
-                )
-                _save_checkpoint(
-                    out_dir, model, done, torch_dtype(dtype), history, n_steps, checkpoint_every
-                )
+                lr_next = _lr(lr_schedule, done, out_dir)
+                history.append(_log_entry(model, data, done, lr_next, batch_size))
+                for group in opt.param_groups:  # the scheduler has stepped: next update's lr
+                    group["lr"] = lr_next
+                _save_checkpoint(out_dir, model, opt, done, *save)
     return out_dir
 
 
@@ -317,13 +327,27 @@ def _lr(schedule, step: int, where: Path) -> float:
     return lr
 
 
-def _sgd_step(model: nn.Module, data: DigitsData, idx: torch.Tensor, lr: float) -> None:
+def _optimizer(model: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD (``p -= lr * grad``), or AdamW with the Trainer's groups (decay: matrices)."""
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    if kind != "adamw":
+        raise ValueError(f"demo optimizer {kind!r}: use 'sgd' or 'adamw'")
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _train_step(model, opt: torch.optim.Optimizer, data: DigitsData, idx, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
     loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-    model.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(p.grad, alpha=-lr)
+    opt.step()
 
 
 def _run_config(hidden, activations, dtype: str, label_noise: float) -> dict:
@@ -358,6 +382,11 @@ class DemoSettings:
     dtype: str = "F32"
     schedule_peak: float = 0.1
     sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3)
+    # one AdamW run beside the SGD ones: its temperature comes from the optimizer state. It
+    # saves every 50 steps: Adam's momentum (beta1 0.9) shortens the displacement by 9.5
+    # steps, which a 10-step spacing cannot resolve (METHODS.md 3b)
+    adamw_lr: float = 0.003
+    adamw_every: int = 50
     # 20% wrong training labels keep the loss (and the gradient noise) away from zero, so
     # constant-LR runs stay at a temperature that grows with LR (see METHODS.md).
     label_noise: float = 0.2
@@ -367,7 +396,20 @@ class DemoSettings:
         """Run name -> LR schedule."""
         runs = {"schedule": WarmupConstantDecay(self.schedule_peak, self.n_steps)}
         runs.update({f"lr_{lr:g}": ConstantLR(lr) for lr in self.sweep_lrs})
+        runs[f"adamw_lr_{self.adamw_lr:g}"] = ConstantLR(self.adamw_lr)
         return runs
+
+    @staticmethod
+    def optimizer(run: str) -> str:
+        """The optimizer of a demo run (by its name)."""
+        return "adamw" if run.startswith("adamw") else "sgd"
+
+    def length(self, run: str) -> tuple[int, int]:
+        """(steps, checkpoint spacing) of a demo run: the AdamW run is 4x longer, saved every
+        ``adamw_every`` steps."""
+        if self.optimizer(run) == "adamw":
+            return 4 * self.n_steps, self.adamw_every
+        return self.n_steps, self.checkpoint_every
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -387,13 +429,14 @@ def _is_complete(root: Path, settings: DemoSettings) -> bool:
     if marker != settings.to_json():
         return False
     return all(
-        (root / run / f"checkpoint-{settings.n_steps}" / "trainer_state.json").is_file()
+        (root / run / f"checkpoint-{settings.length(run)[0]}" / "trainer_state.json").is_file()
         for run in settings.runs()
     )
 
 
 def make_demo(root, quick: bool = False) -> Path:
-    """Write the demo sweep under ``root`` (run ``schedule`` + constant-LR runs ``lr_*``).
+    """Write the demo sweep under ``root`` (run ``schedule``, constant-LR runs ``lr_*``, AdamW
+    run ``adamw_lr_*``).
 
     Returns at once if ``root`` already holds a complete demo with the same settings. Builds
     in a hidden temp folder beside ``root`` and moves it into place, so an interrupted call
@@ -413,14 +456,14 @@ def make_demo(root, quick: bool = False) -> Path:
             train_digits_run(
                 tmp / name,
                 schedule,
-                settings.n_steps,
-                settings.checkpoint_every,
+                *settings.length(name),
                 settings.batch_size,
                 settings.seed,
                 settings.hidden,
                 settings.activations,
                 settings.dtype,
                 settings.label_noise,
+                settings.optimizer(name),
             )
         _write_json(tmp / MARKER, settings.to_json())
         replace_dir(tmp, root)

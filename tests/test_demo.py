@@ -24,7 +24,7 @@ from pipeline.demo import (
     train_digits_run,
 )
 
-RUNS = ["lr_0.01", "lr_0.03", "lr_0.1", "lr_0.3", "schedule"]
+RUNS = ["adamw_lr_0.003", "lr_0.01", "lr_0.03", "lr_0.1", "lr_0.3", "schedule"]
 KEYS = [
     "layers.0.bias",
     "layers.0.weight",
@@ -84,7 +84,8 @@ def test_layout_is_real_trainer_series(quick_root):
         }
         assert config["thermoscope_label_noise"] == marker["label_noise"] == 0.2
         steps = _steps(run_dir)
-        assert steps == list(range(0, 101, 10))
+        n_steps, every = (400, 50) if run.startswith("adamw") else (100, 10)
+        assert steps == list(range(0, n_steps + 1, every))
         for step in steps:
             ckpt = run_dir / f"checkpoint-{step}"
             with safe_open(ckpt / "model.safetensors", framework="pt") as f:
@@ -94,6 +95,9 @@ def test_layout_is_real_trainer_series(quick_root):
                 assert f.get_tensor("layers.2.weight").shape == (10, 32)
             state = json.loads((ckpt / "trainer_state.json").read_text())
             assert state["global_step"] == step
+            optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            kind = "betas" if run.startswith("adamw") else "momentum"
+            assert all(kind in g for g in optimizer["param_groups"])
             logged = [e["step"] for e in state["log_history"]]
             assert logged == [s for s in steps if s <= step]
             for e in state["log_history"]:

@@ -144,3 +144,33 @@ def test_clipped_sgd_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "store.zarr")
     ds = _analyze(src, tmp_path, {"max_grad_norm": None})  # no clipping declared
     assert str(ds.temperature_refusal.values) == "" and np.isfinite(ds.temperature.values).any()
+
+
+def test_sweep_fits_within_optimizer_groups(tmp_path):
+    """Two AdamW runs (lr 1e-4, 3e-5) and two SGD runs (lr 1e-3, 3e-4): one power law per
+    optimizer (both T ~ lr^1 here), never one across them (which would give k ~ 0.5)."""
+    sweep = tmp_path / "sweep"
+    for kind, lrs in (("adamw", (1e-4, 3e-5)), ("sgd", (1e-3, 3e-4))):
+        for lr in lrs:
+            simulate_optimizer_series(
+                sweep / f"{kind}-{lr:g}",
+                LAYERS,
+                kind=kind,
+                plateaus=((800, lr),),
+                seed=3,
+                landscape_lr=lrs[0],
+            )
+    store = analyze(sweep, tmp_path / "store.zarr", cluster=CLUSTER)
+    ds = xr.open_datatree(store, engine="zarr")["sweep"].to_dataset()
+    assert list(ds.optimizer_group.values) == ["adamw", "sgd"]
+    assert list(ds.run_optimizer.values) == ["adamw", "adamw", "sgd", "sgd"]
+    assert list(ds.run_estimator.values) == ["preconditioned_adam"] * 2 + ["einstein_sgd"] * 2
+    np.testing.assert_allclose(ds.group_fit_k.values, [1.0, 1.0], atol=0.1)
+    # the headline fit is one group's (ties: the first by name), equal to that group's fit
+    assert str(ds.fit_group.values) == "adamw"
+    assert float(ds.fit_k) == float(ds.group_fit_k.sel(optimizer_group="adamw"))
+    # a fit across both groups would have given a wrong exponent
+    from pipeline.estimators.thermodynamics import fit_power_law
+
+    mixed = fit_power_law(ds.run_learning_rate.values, ds.run_temperature.values)[1]
+    assert abs(mixed - 1.0) > 0.3

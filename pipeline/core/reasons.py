@@ -46,6 +46,7 @@ class FitReason(IntEnum):
     NO_TEMPERATURE = 3
     NOT_POSITIVE = 4
     K_OUT_OF_TOLERANCE = 5
+    OTHER_OPTIMIZER = 6
 
 
 FIT_REASONS: dict[int, str] = {
@@ -55,6 +56,7 @@ FIT_REASONS: dict[int, str] = {
     3: "no identified temperature on the plateau",
     4: "estimate not positive (no F = U - T S minimum at a positive T / C <= 0)",
     5: "exponent k outside 1 +- the estimator's tolerance (T not proportional to lr)",
+    6: "run of another optimizer than the sweep's fit group (never compared across optimizers)",
 }
 
 

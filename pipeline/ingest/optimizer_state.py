@@ -125,7 +125,8 @@ def optimizer_kind(sd: dict, path: str) -> str:
         raise StateUnsupported(path, f"found 8-bit (bitsandbytes) optimizer state; {FALLBACK}")
     if {"exp_avg_sq_row", "exp_avg_sq_col"} & fields:
         raise StateUnsupported(path, f"found Adafactor factored moments; {FALLBACK}")
-    if "exp_avg_sq" in fields:
+    adam_groups = not fields and "betas" in g and "eps" in g  # no update taken yet (step 0)
+    if "exp_avg_sq" in fields or adam_groups:
         if g.get("amsgrad"):
             raise StateUnsupported(path, f"found AMSGrad (max of v, not v); {FALLBACK}")
         decoupled = g.get("decoupled_weight_decay")

@@ -92,7 +92,7 @@ def measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
     )  # on a GPU, per-slice launches cost more than cache saves
     per_slice = cpu_slice_rows(task, settings) if on_cpu else task.stop - task.start
     space = _Workspace(settings, min(per_slice, task.stop - task.start) * task.tensor.row_elems)
-    space.precond = PrecondBand(task, space.ring.shape[1], space.device) if task.precond else None
+    space.precond = PrecondBand(task, space.ring) if task.precond else None
     pick = _block_sample(task, settings)
     parts = [
         _measure_slice(task, a, min(a + per_slice, task.stop), settings, space, pick)
@@ -326,16 +326,18 @@ class PrecondBand:
     beta2^step)``, read from the optimizer state saved with checkpoint t: the LATER end of each
     pair (its second moment averages the ~1/(1-beta2) updates just before t, i.e. those the
     pair's displacement is made of; METHODS.md 3b). Fed by the ``_BandTracker``'s increments
-    ring: with ``r_k = sqrt(P) * (sum of the last k increments)``, one fused multiply-add and
-    one dot per lag and element; only the slice's rows of ``exp_avg_sq`` are read (memory-mapped
-    state, ``optimizer_state.state_rows``). Also returns ``sum_i P_i`` (for the rounding-noise
-    term in P units). NaN where the state or the history is missing."""
+    ring: with ``u_j = sqrt(P) * delta_{t-j}`` (one broadcast multiply of the ring) and their
+    Gram matrix ``G = U U^T`` (one BLAS product, max_lag^2 entries), lag k is the sum of the
+    leading k x k block of G ordered newest first. Only the slice's rows of ``exp_avg_sq`` are
+    read (memory-mapped state, ``optimizer_state.state_rows``); memory: one more ring-sized
+    buffer. Also returns ``sum_i P_i`` (for the rounding-noise term in P units). NaN where the
+    state or the history is missing."""
 
-    def __init__(self, task: BlockTask, capacity: int, device: str):
+    def __init__(self, task: BlockTask, ring: torch.Tensor):
         self.task = task
-        self.sqrt_p = torch.empty(capacity, dtype=torch.float32)
-        self.run = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.host = device == "cpu"
+        self.sqrt_p = torch.empty(ring.shape[1], dtype=torch.float32)
+        self.scaled = torch.empty_like(ring)
+        self.host = ring.device.type == "cpu"
 
     def start(self, n_out: int, max_lag: int) -> PrecondBand:
         """Fresh per-slice outputs (per-step arrays over the measured checkpoints)."""
@@ -347,21 +349,21 @@ class PrecondBand:
         """Row ``j`` of the outputs from checkpoint ``i``'s state and the tracker's ring."""
         from pipeline.ingest.optimizer_state import state_rows
 
-        lags = band.max_lag
-        source = self.task.precond[i]
-        if source is None:
+        lags, source = band.max_lag, self.task.precond[i]
+        if source is None or band.count == 0:
             return
         path, state_id, beta2, eps, updates = source
         n = (stop - start) * self.task.tensor.row_elems
         p = state_rows(path, state_id, "exp_avg_sq", start, stop, out=self.sqrt_p[:n])
         p.mul_(1.0 / (1.0 - beta2**updates)).sqrt_().add_(eps)
         self.total[j] = float(p.sum(dtype=torch.float64))
-        p.sqrt_()
-        root = p if self.host else p.to(self.run.device)
-        run = self.run[:n].zero_()
-        for k in range(min(band.count, lags)):
-            run.addcmul_(root, band.ring[(band.count - 1 - k) % lags, :n])
-            self.band[j, k] = float(torch.dot(run, run))
+        root = p.sqrt_() if self.host else p.sqrt_().to(self.scaled.device)
+        scaled = torch.mul(band.ring, root, out=self.scaled[:, :n])
+        gram = (scaled @ scaled.T).double().cpu().numpy()
+        m = min(band.count, lags)
+        newest = [(band.count - 1 - k) % lags for k in range(m)]
+        block = np.cumsum(np.cumsum(gram[np.ix_(newest, newest)], axis=0), axis=1)
+        self.band[j, :m] = np.diagonal(block)
 
 
 def _last(held: deque, k: int) -> list:

@@ -95,7 +95,42 @@ SUMMARY_COLUMNS = [
     "equilibrated",
     "LR phases",
     "training log (keys)",
+    "temperature from (optimizer → estimator)",
 ]
+
+
+def _estimator_text(ds: xr.Dataset) -> str:
+    """Which optimizer and relation made the run's temperature, or why there is none."""
+    if "temperature_estimator" not in ds:
+        return "—"
+    opt = ds.attrs.get("optimizer", "unknown")
+    source = ds.attrs.get("optimizer_source", "")
+    refusal = str(ds["temperature_refusal"].values)
+    if refusal:
+        return f"no temperature ({opt}): {refusal[:240]} (D and D/lr² are reported)"
+    text = f"{opt} ({source}) → {ds['temperature_estimator'].values}"
+    clipped = float(ds["clip_fraction"].values) if "clip_fraction" in ds else np.nan
+    if np.isfinite(clipped) and clipped > 0:
+        text += f"; gradient clipped at {clipped:.0%} of logged steps"
+    return text
+
+
+def _sweep_fit_text(sweep: xr.Dataset) -> str:
+    """The power law per optimizer group (never one across optimizers)."""
+    if "group_fit_k" not in sweep:
+        return (
+            f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
+            f"{fmt(float(sweep['fit_k'].values))}."
+        )
+    groups = zip(
+        sweep["optimizer_group"].values, sweep["group_fit_b"].values, sweep["group_fit_k"].values
+    )
+    fits = [f"{esc(str(g))}: T = {fmt(float(b))} · lr^{fmt(float(k))}" for g, b, k in groups]
+    return (
+        " Sweep fits, within each optimizer group (runs with different optimizers are never "
+        f"fitted together): {'; '.join(fits)}. Free-energy temperature and heat capacity: the "
+        f"{esc(str(sweep['fit_group'].values))} group."
+    )
 
 
 def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset | None) -> Section:
@@ -117,6 +152,7 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
                 _equilibrium_text(ds),
                 _phases_text(ds),
                 _log_text(ds),
+                _estimator_text(ds),
             ]
         )
     intro = (
@@ -124,10 +160,7 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
         f"thermoscope {esc(attrs.get('thermoscope_version', '?'))}."
     )
     if sweep is not None and "fit_k" in sweep and "fit_b" in sweep:
-        intro += (
-            f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
-            f"{fmt(float(sweep['fit_k'].values))}."
-        )
+        intro += _sweep_fit_text(sweep)
     for run, ds in runs.items():
         if "lora_base" in ds.attrs:  # a LoRA adapter series: say what its adapted layers are
             intro += f" {esc(run)}: LoRA adapters, base model {esc(ds.attrs['lora_base'])}."

@@ -249,7 +249,7 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "run_learning_rate": (
         "weight^2/loss",
-        "median learning rate over the run's second half (plateau)",
+        "median step size eta over the run's second half (plateau; SGD: the learning rate)",
         "thermo.sweep_dataset",
     ),
     "constant_lr": (
@@ -293,6 +293,26 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "thermodynamics.fit_power_law",
     ),
     "fit_k": ("1", "power-law exponent k of T = b lr^k", "thermodynamics.fit_power_law"),
+    "fit_group": (
+        "1",
+        "optimizer group the sweep fit, free-energy T and heat capacity use (most runs with T)",
+        "thermo.sweep_dataset",
+    ),
+    "group_fit_b": (
+        "loss",
+        "power-law prefactor b of T = b lr^k within one optimizer group",
+        "thermodynamics.fit_power_law",
+    ),
+    "group_fit_k": (
+        "1",
+        "power-law exponent k of T = b lr^k within one optimizer group",
+        "thermodynamics.fit_power_law",
+    ),
+    "group_fit_k_err": (
+        "1",
+        "1-sigma uncertainty of group_fit_k",
+        "thermodynamics.fit_power_law",
+    ),
     "fit_k_err": ("1", "1-sigma uncertainty of k", "thermodynamics.fit_power_law"),
     "loss_trend": (
         "1",

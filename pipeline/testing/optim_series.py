@@ -84,33 +84,48 @@ def simulate_optimizer_series(
     weight_decay: float = 0.0,
     dtype: str = "F32",
     seed: int = 0,
+    landscape_lr: float | None = None,
 ) -> OptimizerTruth:
-    """Train, write the series, return the truth (see the module docstring). Single-threaded
+    """Train, write the series, return the truth (see the module docstring). The curvatures
+    put the relaxation times ``relax_steps`` at ``landscape_lr`` (default: the first plateau's
+    lr; give the same value to every run of a sweep so they share one landscape). Single-threaded
     torch for the small tensors (thread wake-ups would cost more than the arithmetic)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return _simulate(
-            Path(out_dir), layers, kind, plateaus, save_every, momentum, weight_decay, dtype, seed
+            Path(out_dir),
+            layers,
+            kind,
+            plateaus,
+            save_every,
+            momentum,
+            weight_decay,
+            dtype,
+            seed,
+            landscape_lr,
         )
     finally:
         torch.set_num_threads(threads)
 
 
-def _simulate(out, layers, kind, plateaus, save_every, momentum, weight_decay, dtype, seed):
+def _simulate(
+    out, layers, kind, plateaus, save_every, momentum, weight_decay, dtype, seed, landscape_lr
+):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     params, curv, sigma, centre = [], [], [], []
     lr0 = plateaus[0][1]
     eta0 = _eta(kind, lr0, momentum)
+    eta_land = _eta(kind, landscape_lr or lr0, momentum)  # sets the curvatures
     for spec in layers:
         n = int(np.prod(spec.shape))
         tau = torch.logspace(*np.log10(spec.relax_steps), n, dtype=torch.float64)
         tau = tau[torch.randperm(n, generator=gen)].reshape(spec.shape)
         # relaxation time tau = P / (eta h); Adam: P ~ sigma = sqrt(c h), so h = c / (eta tau)^2
         adam = kind in ("adamw", "adam")
-        h = spec.noise / (eta0 * tau) ** 2 if adam else 1.0 / (eta0 * tau)
+        h = spec.noise / (eta_land * tau) ** 2 if adam else 1.0 / (eta_land * tau)
         s = torch.sqrt(spec.noise * h)
         p_scale = s if adam else torch.ones_like(s)
         star = 0.05 * torch.randn(spec.shape, generator=gen, dtype=torch.float64)

@@ -25,6 +25,9 @@ from pipeline.estimators.preconditioned import (
 
 OPTIMIZERS = ("auto", *SGD_KINDS, *ADAM_KINDS)
 MAX_CLIP_FRACTION = 0.1  # SGD: clipped at more logged steps than this -> T refused
+# the momentum offset may take at most this share of the smallest checkpoint spacing: beyond,
+# the first lags carry too little diffusion for the offset correction to be stable
+MAX_OFFSET_SHARE = 0.25
 
 
 @dataclass
@@ -53,6 +56,18 @@ def _kind(ds: xr.Dataset, setting: str) -> tuple[str, str]:
     if evidence == "none":
         return "sgd", "assumed"  # no optimizer state, no Trainer files: plain SGD assumed
     return "unknown", "state"
+
+
+def _spacing_refusal(ds: xr.Dataset, offset: float) -> str:
+    """Why the checkpoints are too close for the momentum offset ('' when they are not)."""
+    gaps = np.diff(ds.step.values)
+    if gaps.size and offset > MAX_OFFSET_SHARE * gaps.min():
+        return (
+            f"checkpoints {int(gaps.min())} steps apart: momentum shortens the displacement by "
+            f"{offset:.1f} steps, too much of the first lag (save at least every "
+            f"{int(np.ceil(offset / MAX_OFFSET_SHARE))} steps)"
+        )
+    return ""
 
 
 def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | None) -> Relation:
@@ -86,6 +101,7 @@ def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | No
         rel.estimator, rel.band, rel.noise = "preconditioned_adam", band, noise * pmean
         rel.eta, rel.eta_from_state = state_lr, True
         rel.offset_steps = momentum_offset_steps(kind, beta1)
+        rel.refusal = _spacing_refusal(ds, rel.offset_steps)
         return rel
     if has_state:
         mu = float(np.nanmedian(ds.optimizer_momentum.values))
@@ -100,6 +116,7 @@ def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | No
         rel.estimator = "einstein_sgd"
     rel.band, rel.noise = ds.sq_distance.values, noise
     rel.offset_steps = momentum_offset_steps(kind, mu)
+    rel.refusal = _spacing_refusal(ds, rel.offset_steps)
     if np.isfinite(clipped) and clipped > MAX_CLIP_FRACTION:
         rel.refusal = (
             f"gradient clipped (grad_norm > {max_grad_norm}) at {clipped:.0%} of the logged "

@@ -50,6 +50,29 @@ def relative_trend(values: np.ndarray, steps: np.ndarray) -> float:
     return float(abs(slope * np.ptp(x)) / abs(y.mean()))
 
 
+def _step_size(ds: xr.Dataset) -> np.ndarray:
+    """The run's step size per checkpoint: the temperature relation's eta (Adam: the state's
+    lr; heavy ball: lr / (1 - mu)) where formed, else the logged window LR."""
+    if "effective_learning_rate" not in ds:
+        return ds.window_learning_rate.values
+    eta = ds.effective_learning_rate.values
+    finite = np.isfinite(eta)
+    mean = np.where(finite, eta, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
+    return np.where(finite.any(axis=1), mean, ds.window_learning_rate.values)
+
+
+def optimizer_group(ds: xr.Dataset) -> str:
+    """The sweep group of a run: runs are compared only within one optimizer."""
+    return str(ds.attrs.get("optimizer", "unknown"))
+
+
+def _main_group(groups: list[str], ok: np.ndarray) -> str:
+    """The optimizer group with the most accepted plateaus (ties: the first by name)."""
+    names = sorted(set(groups))
+    counts = {g: int(np.sum(ok[[x == g for x in groups]])) for g in names}
+    return max(names, key=lambda g: (counts[g], -names.index(g)))
+
+
 def _plateau(ds: xr.Dataset, rel_tol: float) -> dict:
     """Per-run plateau summary over the second half: LR, temperature, U, S, final loss, and
     the stationarity test: constant LR (within 5%), loss and (where identified) global T
@@ -57,7 +80,7 @@ def _plateau(ds: xr.Dataset, rel_tol: float) -> dict:
     global T at >= half of those checkpoints (NO_TEMPERATURE otherwise: the plateau still
     serves the free-energy temperature, which needs only U and S)."""
     half = slice(ds.sizes["step"] // 2, None)
-    lr = _second_half(ds.window_learning_rate.values)
+    lr = _second_half(_step_size(ds))
     temp = _second_half(ds.global_temperature.values)
     loss = _second_half(ds.loss.values)
     ens = _second_half_windows(ds)
@@ -150,10 +173,26 @@ def _logged_lr(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
 def sweep_dataset(runs: dict[str, xr.Dataset], rel_tol: float = 0.05) -> xr.Dataset:
     """Cross-run fits over the stationary plateaus (``_plateau``; rel_tol: the stationarity
     tolerance): T vs LR power law, free-energy temperature, heat capacity; schedules over all
-    runs. Refused values are NaN with their reason codes (``FIT_REASONS``)."""
+    runs. Refused values are NaN with their reason codes (``FIT_REASONS``).
+
+    Runs are grouped by optimizer (``optimizer_group``): the power law is fitted within each
+    group (``group_fit_*``); ``fit_*``, the free-energy temperature and the heat capacity use
+    one group (``fit_group``: the most accepted plateaus), other runs get OTHER_OPTIMIZER. A
+    fit across optimizers would compare temperatures made by different relations."""
     names = sorted(runs)
     rows = [_plateau(runs[n], rel_tol) for n in names]
     cols = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]}
+    groups = [optimizer_group(runs[n]) for n in names]
+    estimators = [
+        str(runs[n].temperature_estimator.values) if "temperature_estimator" in runs[n] else "none"
+        for n in names
+    ]
+    ok = cols["plateau_reason"] == FitReason.OK
+    group_names = sorted(set(groups))
+    group_fits = [_power_law(cols, ok & (np.array(groups) == g)) for g in group_names]
+    main = _main_group(groups, ok)
+    in_main = np.array(groups) == main
+    cols["plateau_reason"] = np.where(in_main, cols["plateau_reason"], FitReason.OTHER_OPTIMIZER)
     ok = cols["plateau_reason"] == FitReason.OK
     stationary = ok | (cols["plateau_reason"] == FitReason.NO_TEMPERATURE)
     fe, fe_reason = _free_energy(cols, stationary)
@@ -178,8 +217,21 @@ def sweep_dataset(runs: dict[str, xr.Dataset], rel_tol: float = 0.05) -> xr.Data
             "fit_k_err": ((), fit["fit_k_err"]),
             "fit_k_reason": ((), np.int8(fit["fit_k_reason"])),
             "lr_proportional": ((), np.int8(fit["lr_proportional"])),
+            "fit_group": ((), main),
+            "group_fit_b": ("optimizer_group", np.array([f["fit_b"] for f in group_fits])),
+            "group_fit_k": ("optimizer_group", np.array([f["fit_k"] for f in group_fits])),
+            "group_fit_k_err": (
+                "optimizer_group",
+                np.array([f["fit_k_err"] for f in group_fits]),
+            ),
         },
-        coords={"run": names, "pair_temperature": ("pair", t_mid)},
+        coords={
+            "run": names,
+            "pair_temperature": ("pair", t_mid),
+            "optimizer_group": group_names,
+            "run_optimizer": ("run", np.array(groups, dtype=str)),
+            "run_estimator": ("run", np.array(estimators, dtype=str)),
+        },
     )
     ds["constant_lr"] = ds.constant_lr.astype(np.int8)
     ds["plateau_reason"] = ds.plateau_reason.astype(np.int8)
