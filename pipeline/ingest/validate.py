@@ -67,8 +67,8 @@ def check_and_plan(path, steps=None, layers=None) -> tuple[list[dict], dict | No
 
 
 def _probe(s: Scan, runs) -> tuple[float, str]:
-    """(bytes/s, how it was obtained): one timed, uncached range read of up to 4 MiB from the
-    largest tensor of the first checkpoint, for a remote series."""
+    """(bytes/s, how it was obtained) for a remote series: one timed, uncached range read of
+    the last (up to) 4 MiB of the first selected checkpoint's file holding its largest tensor."""
     run = runs[0]
     t = max(run.tensors, key=lambda t: t.n_params * selection.DTYPES[t.dtype].itemsize)
     path = run.checkpoints[0].files[t.name]
