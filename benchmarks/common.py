@@ -412,15 +412,15 @@ def main(description: str, modes: dict[str, Mode], argv=None, setup=None) -> int
     results = {"machine": machine(), "argv": sys.argv}
     try:
         if not args.no_startup:
-            results["startup"] = startup(root, args.workers)
+            results["tiny_startup"] = startup(root, args.workers)
         for mode in chosen:
             run, fmt = modes[mode]
             results[mode] = run(root, args)
             print(fmt(results[mode]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if "startup" in results:
-        print(format_startup(results["startup"]))
+    if "tiny_startup" in results:
+        print(format_startup(results["tiny_startup"]))
     if args.json:
         print(json.dumps(results, indent=1, default=str))
     return 0

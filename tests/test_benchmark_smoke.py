@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import common, devices, floor, incremental, kernel, spectral, throughput
+from benchmarks import (
+    common,
+    devices,
+    floor,
+    incremental,
+    kernel,
+    spectral,
+    startup,
+    throughput,
+)
 from pipeline.estimators.ensemble import window_log_var_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +147,9 @@ def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
     assert "floor" in floor.format_floor(out)
 
 
-@pytest.mark.parametrize("script", ["throughput", "incremental", "spectral", "devices", "floor"])
+@pytest.mark.parametrize(
+    "script", ["throughput", "incremental", "spectral", "devices", "floor", "kernel", "startup"]
+)
 def test_each_benchmark_script_runs_from_the_command_line(script):
     """`python benchmarks/<script>.py --help`: the script finds its shared helpers when run as
     a file from any directory (not only as ``benchmarks.<script>``)."""
@@ -165,3 +176,21 @@ def test_kernel_before_after_times_both_trees_and_compares_their_stores(tmp_path
     assert out["speedup"] > 0 and out["variables"] > 10
     assert out["largest_difference"] < 1e-5
     assert "speedup" in kernel.format_kernel(out)
+
+
+def test_startup_times_the_first_layer_and_the_exit(tmp_path):
+    """One `thermoscope analyze` of the tiny series: the first layer lands after launch and
+    before the command exits (the progress line is found on stderr)."""
+    s = common.tiny_series(tmp_path)
+    r = startup.time_analyze(s.folder, tmp_path / "s.zarr", common.REPO)
+    assert 0 < r["first_layer_s"] < r["wall_s"] and (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow  # two running clusters and eight analyze subprocesses
+def test_startup_before_after_on_fresh_and_running_clusters(tmp_path):
+    out = startup.before_after(tmp_path, base="HEAD", repeats=1)
+    for how in ("fresh", "running"):
+        for label in ("before", "after"):
+            x = out[how][label]
+            assert 0 < x["first_layer_s"] < x["wall_s"]
+    assert "running cluster" in startup.format_before_after(out)

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from pipeline.core.manifest import ADAM_KINDS, Manifest, Run
 from pipeline.measure.cache import LayerCache, merge
-from pipeline.measure.kernel import BlockTask, layer_blocks
 from pipeline.measure.parallel import check_device, dashboard_link, dask_client, run_tasks
+from pipeline.measure.tasks import BlockTask, layer_blocks
 from pipeline.settings import ClusterSettings, MeasureSettings
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)

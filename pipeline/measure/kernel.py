@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 import zlib
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.core.manifest import TensorInfo
 from pipeline.estimators.displacement import (
     band_from_increment_dots,
     rounding_noise_var,
@@ -32,37 +30,8 @@ from pipeline.estimators.entropy import (
     gaussian_entropy,
 )
 from pipeline.ingest.safetensors_io import read_block, torch_dtype
+from pipeline.measure.tasks import BlockTask, layer_blocks  # noqa: F401 (re-exported)
 from pipeline.settings import MeasureSettings
-
-
-@dataclass(frozen=True)
-class BlockTask:
-    """One unit of work: rows [start, stop) of ``tensor`` through checkpoints ``files``."""
-
-    run: str
-    tensor: TensorInfo
-    start: int
-    stop: int
-    files: tuple[str, ...]  # file holding the tensor, one per checkpoint in step order
-    steps: tuple[int, ...]
-    resume_from: int = 0  # checkpoints before this index are already measured (cached)
-    # Adam preconditioner source per checkpoint: (state file, state id, beta2, eps, update
-    # count), None where missing; empty for runs without Adam state (``PrecondBand``)
-    precond: tuple = ()
-
-    def read_from(self, settings: MeasureSettings) -> int:
-        """First checkpoint to read: enough history for the band and the open ensemble window."""
-        window_start = (self.resume_from // settings.ensemble_window) * settings.ensemble_window
-        return max(0, min(self.resume_from - settings.max_lag, window_start))
-
-
-def layer_blocks(tensor: TensorInfo, settings: MeasureSettings) -> list[tuple[int, int]]:
-    """Row ranges that split ``tensor`` into blocks of about ``block_elems`` elements."""
-    rows = tensor.rows
-    if settings.spectral and len(tensor.shape) >= 2:
-        return [(0, rows)]
-    per_block = max(1, settings.block_elems // tensor.row_elems)
-    return [(a, min(a + per_block, rows)) for a in range(0, rows, per_block)]
 
 
 def _layer_seed(name: str) -> int:

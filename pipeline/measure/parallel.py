@@ -13,22 +13,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import dask
-import torch
 from distributed import Client, LocalCluster, as_completed
 
 from pipeline.core.errors import InputError
 from pipeline.measure import forkserver
-from pipeline.measure.kernel import BlockTask, finalize_layer, measure_block
+from pipeline.measure.tasks import BlockTask
 from pipeline.settings import ClusterSettings, MeasureSettings
 
 
 def check_device(device: str, settings: ClusterSettings) -> None:
     """Fail before any work, with a clear line, when ``measure.device`` names CUDA and the local
     cluster would have none (the workers of an existing cluster may: not checked there)."""
-    if device.startswith("cuda") and not settings.address and not torch.cuda.is_available():
+    if device.startswith("cuda") and not settings.address and not _cuda_visible():
         raise InputError(
             "params.yaml",
             f"measure.device is '{device}' but no CUDA device is visible here "
@@ -56,6 +56,8 @@ def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
     if settings.processes:
         yield
         return
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -66,7 +68,7 @@ def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
 
 def _local_cluster(settings: ClusterSettings):
     quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
-    if settings.gpu != "off" and torch.cuda.is_available():
+    if settings.gpu != "off" and _cuda_visible():
         try:
             from dask_cuda import LocalCUDACluster  # extra `gpu`
         except (
@@ -102,13 +104,38 @@ def run_tasks(
     """Submit every layer's block tasks and a finalize task; yield (key, result) as done."""
     finals = {}
     for key, tasks in layers.items():
-        blocks = [client.submit(measure_block, t, settings, pure=False) for t in tasks]
-        finals[client.submit(finalize_layer, blocks, pure=False)] = key
+        blocks = [client.submit(_measure_block, t, settings, pure=False) for t in tasks]
+        finals[client.submit(_finalize_layer, blocks, pure=False)] = key
     for future in as_completed(finals):
         key = finals.pop(future)
         result = future.result()
         future.release()
         yield key, result
+
+
+def _measure_block(task: BlockTask, settings: MeasureSettings) -> dict:
+    """``kernel.measure_block``, imported where the task runs (a worker: preloaded there), so
+    this process submits the first task without importing torch."""
+    from pipeline.measure.kernel import measure_block
+
+    return measure_block(task, settings)
+
+
+def _finalize_layer(blocks: list[dict]) -> dict:
+    """``kernel.finalize_layer``, imported where it runs (see ``_measure_block``)."""
+    from pipeline.measure.kernel import finalize_layer
+
+    return finalize_layer(blocks)
+
+
+def _cuda_visible() -> bool:
+    """``torch.cuda.is_available()``, without importing torch on a Linux machine that has no
+    NVIDIA device node (no driver: CUDA cannot be available there)."""
+    if sys.platform.startswith("linux") and not os.path.exists("/dev/nvidiactl"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def dashboard_link(client: Client) -> str | None:
