@@ -225,7 +225,8 @@ def lora_rows(
     """Rows [start, stop) of the virtual tensor ``tensor`` for the adapter file ``path``, float32:
     ``scale * B[start:stop] @ A`` (fan_in_fan_out: ``scale * A[:, start:stop].T @ B.T``), plus
     ``W0[start:stop]``. Reads A and B whole-rank (r rows/columns: small) and only the block's
-    rows of W0; writes into ``out`` (flat float32 of the block's size) when given."""
+    rows of W0, straight into ``out`` (flat float32 of the block's size) when given; one fused
+    ``addmm`` then adds the scaled product in place (no temporary of the block's size)."""
     import torch
 
     src = tensor.source
@@ -235,13 +236,16 @@ def lora_rows(
         lhs, rhs = a[:, start:stop].T, b.T
     else:
         lhs, rhs = read_rows(path, src.lora_b, start, stop), a
-    n = (stop - start) * tensor.shape[1]
-    res = out.view(stop - start, tensor.shape[1]) if out is not None and out.numel() == n else None
-    res = torch.matmul(lhs, rhs, out=res) if res is not None else lhs @ rhs
-    res.mul_(src.scale)
-    if src.base_file:
-        res.add_(read_rows(src.base_file, src.base_name, start, stop))
-    return res
+    shape = (stop - start, tensor.shape[1])
+    n = shape[0] * shape[1]
+    buf = out if out is not None and out.numel() == n else torch.empty(n, dtype=torch.float32)
+    res = buf.view(shape)
+    if not src.base_file:
+        return torch.mm(lhs, rhs, out=res).mul_(src.scale)
+    w0 = read_rows(src.base_file, src.base_name, start, stop, out=buf)
+    if w0.data_ptr() != buf.data_ptr():  # a dtype or source read_rows cannot read in place
+        res.copy_(w0.reshape(shape))
+    return res.addmm_(lhs, rhs, alpha=src.scale)
 
 
 def _adapter_config_of(ck: Checkpoint) -> str | None:
