@@ -257,3 +257,27 @@ def test_check_lists_adapter_configs_and_plans_factor_bytes(tmp_path, linear_ser
     bad = [r for r in rows if r["verdict"] == "error"]
     assert bad and bad[0]["path"].endswith(f"checkpoint-9/{ADAPTER_CONFIG}")
     assert "lora_alpha None is not a number" in bad[0]["reason"]
+
+
+def test_cache_keys_on_the_base_model(tmp_path, linear_series, dask_cluster):
+    """The measurement cache never serves W0 + dW of one base model for another: a second base
+    file with other values (same names and shapes) is measured anew, with the same cache."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.analyze import analyze
+    from pipeline.settings import ClusterSettings, MeasureSettings
+
+    run, base_file, _ = linear_series
+    other = tmp_path / "other_base.safetensors"
+    save_file({k: 2 * v for k, v in load_file(str(base_file)).items()}, str(other))
+    settings = MeasureSettings(max_lag=2, entropy_sample=512, ensemble_window=4, block_elems=256)
+    cluster = ClusterSettings(scheduler_address=dask_cluster.scheduler_address)
+    cache = tmp_path / "cache"
+    stores = [
+        _node(
+            analyze(run, tmp_path / f"{i}.zarr", settings, cluster, base_model=b, cache_dir=cache)
+        )
+        for i, b in enumerate((base_file, other))
+    ]
+    ratio = (stores[1].weight_rms / stores[0].weight_rms).values
+    assert ((ratio > 1.5) & (ratio < 2.5)).all(), ratio  # W0 doubled dominates the rms
