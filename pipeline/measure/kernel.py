@@ -295,17 +295,20 @@ class PrecondBand:
     beta2^step)``, read from the optimizer state saved with checkpoint t: the LATER end of each
     pair (its second moment averages the ~1/(1-beta2) updates just before t, i.e. those the
     pair's displacement is made of; METHODS.md 3b). Fed by the ``_BandTracker``'s increments
-    ring: with ``u_j = sqrt(P) * delta_{t-j}`` (one broadcast multiply of the ring) and their
-    Gram matrix ``G = U U^T`` (one BLAS product, max_lag^2 entries), lag k is the sum of the
-    leading k x k block of G ordered newest first. Only the slice's rows of ``exp_avg_sq`` are
-    read (memory-mapped state, ``optimizer_state.state_rows``); memory: one more ring-sized
-    buffer. Also returns ``sum_i P_i`` (for the rounding-noise term in P units). NaN where the
-    state or the history is missing."""
+    ring: with ``s_k`` the sum of the last k increments (one add per lag), lag k is
+    ``dot(s_k, P * s_k)`` (one multiply and one dot): three cheap passes per lag and element,
+    one square root per element (measured faster on a CPU than scaling by sqrt(P), which needs
+    a second square root, or than the Gram matrix of the P-scaled increments, max_lag^2
+    operations per element). Only the slice's rows of ``exp_avg_sq`` are read (memory-mapped
+    state, ``optimizer_state.state_rows``); memory: three more slice-sized vectors. Also returns
+    ``sum_i P_i`` (for the rounding-noise term in P units). NaN where the state or the history
+    is missing."""
 
     def __init__(self, task: BlockTask, ring: torch.Tensor):
         self.task = task
-        self.sqrt_p = torch.empty(ring.shape[1], dtype=torch.float32)
-        self.scaled = torch.empty_like(ring)
+        self.p = torch.empty(ring.shape[1], dtype=torch.float32)
+        self.run = torch.empty(ring.shape[1], dtype=torch.float32, device=ring.device)
+        self.weighted = torch.empty_like(self.run)
         self.host = ring.device.type == "cpu"
 
     def start(self, n_out: int, max_lag: int) -> PrecondBand:
@@ -323,16 +326,14 @@ class PrecondBand:
             return
         path, state_id, beta2, eps, updates = source
         n = (stop - start) * self.task.tensor.row_elems
-        p = state_rows(path, state_id, "exp_avg_sq", start, stop, out=self.sqrt_p[:n])
-        p.mul_(1.0 / (1.0 - beta2**updates)).sqrt_().add_(eps)
-        self.total[j] = float(p.sum(dtype=torch.float64))
-        root = p.sqrt_() if self.host else p.sqrt_().to(self.scaled.device)
-        scaled = torch.mul(band.ring, root, out=self.scaled[:, :n])
-        gram = (scaled @ scaled.T).double().cpu().numpy()
-        m = min(band.count, lags)
-        newest = [(band.count - 1 - k) % lags for k in range(m)]
-        block = np.cumsum(np.cumsum(gram[np.ix_(newest, newest)], axis=0), axis=1)
-        self.band[j, :m] = np.diagonal(block)
+        p = state_rows(path, state_id, "exp_avg_sq", start, stop, out=self.p[:n])
+        p = p.mul_(1.0 / (1.0 - beta2**updates)).sqrt_().add_(eps)
+        self.total[j] = float(p.sum())
+        p = p if self.host else p.to(self.run.device)
+        run, weighted = self.run[:n].zero_(), self.weighted[:n]
+        for k in range(min(band.count, lags)):
+            run.add_(band.ring[(band.count - 1 - k) % lags])
+            self.band[j, k] = float(torch.dot(run, torch.mul(run, p, out=weighted)))
 
 
 def _last(held: deque, k: int) -> list:
