@@ -29,11 +29,12 @@ from benchmarks.common import (
     export_tree,
     gb,
     main,
+    params_file,
     raw_read_rate,
     run_analyze,
 )
 
-BASE = "17d7090"  # main just before issue 18's kernel changes (benchmarks/RESULTS.md)
+BASE = "171cd1e"  # main just before issue 18's kernel changes (fcfbc5a; benchmarks/RESULTS.md)
 
 
 def child() -> None:
@@ -50,7 +51,7 @@ def child() -> None:
 
     torch.set_num_threads(1)
     spec = json.loads(sys.stdin.readline())
-    settings = MeasureSettings()
+    settings = MeasureSettings(**spec.get("settings", {}))
     files, steps = tuple(spec["files"]), tuple(spec["steps"])
     tasks = [
         BlockTask("run", t, a, b, files, steps)
@@ -108,18 +109,29 @@ def _series_spec(s: Series, n: int) -> dict:
     }
 
 
-def before_after(root: Path, size_mb, n, dtype="fp32", base=BASE, repeats=5) -> dict:
+def before_after(
+    root: Path, size_mb, n, dtype="fp32", base=BASE, repeats=5, spectral=False, every=1, head=None
+) -> dict:
     """Best-of-``repeats`` kernel times of ``base`` and this checkout, alternating on the same
     files, and the largest difference between the stores `thermoscope analyze` writes with
-    each (relative to each variable's scale)."""
+    each (relative to each variable's scale). ``spectral``: both with the SVD metrics;
+    ``every`` > 1: "after" computes them every ``every``-th checkpoint only (the stores are
+    then compared at the checkpoints both have)."""
     from pipeline.store.zarr_io import open_tree
     from pipeline.testing.compare import largest_differences
 
     s = Series(root / "kernel", size_mb, dtype)
     s.extend(n)
     raw = raw_read_rate(s.files)
-    trees = {"before": export_tree(base, root / "base"), "after": REPO}
-    children = {label: _Child(code, _series_spec(s, n)) for label, code in trees.items()}
+    after = export_tree(head, root / "head") if head else REPO
+    trees = {"before": export_tree(base, root / "base"), "after": after}
+    options = {"before": {"spectral": spectral}, "after": {"spectral": spectral}}
+    if every > 1:
+        options["after"]["spectral_every"] = every
+    children = {
+        label: _Child(code, {**_series_spec(s, n), "settings": options[label]})
+        for label, code in trees.items()
+    }
     runs: dict[str, list[dict]] = {label: [] for label in trees}
     try:
         for r in range(repeats):  # alternate, and swap who goes first each round
@@ -142,19 +154,27 @@ def before_after(root: Path, size_mb, n, dtype="fp32", base=BASE, repeats=5) -> 
     stores = {}
     for label, code in trees.items():
         stores[label] = root / f"{label}.zarr"
+        params = None
+        if every > 1 and label == "after":
+            params = params_file(root / "every.yaml", {"measure": {"spectral_every": every}})
         rows[label]["analyze_s"] = run_analyze(
-            s.folder, stores[label], root / f"{label}.cache", code=code
+            s.folder, stores[label], root / f"{label}.cache", spectral, params=params, code=code
         )["wall_s"]
-    diffs = largest_differences(open_tree(stores["after"]), open_tree(stores["before"]))
+    after, before = open_tree(stores["after"]), open_tree(stores["before"])
+    if every > 1:  # the checkpoints where "after" computed spectra (NaN elsewhere by design)
+        after, before = (t.isel(step=slice(None, None, every)) for t in (after, before))
+    diffs = largest_differences(after, before)
     finite = {k: v for k, v in diffs.items() if v == v}  # NaN: nothing finite to compare
     worst = max(finite, key=finite.get)
     return {
         "size_mb": size_mb,
         "checkpoints": n,
         "dtype": dtype,
+        "spectral": spectral,
+        "spectral_every": every,
         "n_params": s.n_params,
         "base": base,
-        "head": _head(),
+        "head": head or _head(),
         "repeats": repeats,
         "raw_bytes_per_s": raw["raw_bytes_per_s"],
         "load_avg_end": os.getloadavg(),
@@ -180,17 +200,20 @@ def _head() -> str:
 def format_kernel(r: dict) -> str:
     lines = [
         f"\nkernel (one torch thread, no Dask; best of {r['repeats']}, alternating): "
-        f"{r['checkpoints']} x {r['size_mb']} MB {r['dtype']} ({r['n_params']:,} params), "
+        f"{r['checkpoints']} x {r['size_mb']} MB {r['dtype']} ({r['n_params']:,} params"
+        + (f", --spectral every {r['spectral_every']}" if r["spectral"] else "")
+        + "), "
         f"raw read {gb(r['raw_bytes_per_s'])} GB/s, load at the end "
         + " ".join(f"{x:.1f}" for x in r["load_avg_end"]),
         f"  {'code':22s} {'blocks s':>9s} {'finalize s':>10s} {'total s':>8s} {'ns/elem':>8s} "
-        f"{'analyze s':>9s}",
+        f"{'analyze s':>9s} {'s/ckpt':>7s}",
     ]
     for label, ref in (("before", r["base"]), ("after", r["head"])):
         x = r["runs"][label]
         lines.append(
             f"  {label + ' (' + ref + ')':22s} {x['blocks_s']:9.3f} {x['finalize_s']:10.3f} "
-            f"{x['total_s']:8.3f} {x['ns_per_elem']:8.2f} {x['analyze_s']:9.2f}"
+            f"{x['total_s']:8.3f} {x['ns_per_elem']:8.2f} {x['analyze_s']:9.2f} "
+            f"{x['total_s'] / r['checkpoints']:7.3f}"
         )
     lines.append(
         f"  speedup {r['speedup']:.2f}x (measure_block alone {r['speedup_blocks']:.2f}x); stores: "
@@ -203,7 +226,17 @@ def format_kernel(r: dict) -> str:
 
 MODES = {
     "kernel": (
-        lambda root, a: before_after(root, a.size, a.checkpoints, a.dtype, a.base, a.repeats),
+        lambda root, a: before_after(
+            root,
+            a.size,
+            a.checkpoints,
+            a.dtype,
+            a.base,
+            a.repeats,
+            a.spectral,
+            a.spectral_every,
+            a.head,
+        ),
         format_kernel,
     )
 }
@@ -211,7 +244,10 @@ MODES = {
 
 def _options(p) -> None:
     p.add_argument("--base", default=BASE, help="git ref of the 'before' code")
+    p.add_argument("--head", default=None, help="git ref of the 'after' code (default: this tree)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--spectral", action="store_true", help="both with the SVD metrics")
+    p.add_argument("--spectral-every", type=int, default=1, help="'after' only: every k-th")
     p.set_defaults(size=128, checkpoints=16, no_startup=True)
 
 

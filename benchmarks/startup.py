@@ -96,12 +96,14 @@ class RunningCluster:
             p.wait()
 
 
-def before_after(root: Path, base=BASE, repeats=3) -> dict:
+def before_after(root: Path, base=BASE, repeats=3, head=None) -> dict:
     """Best-of-``repeats`` start-up of ``base`` and this checkout, alternating, on a fresh
     local cluster and on a running one."""
     s = tiny_series(root)
-    trees = {"before": export_tree(base, root / "base"), "after": REPO}
-    out = {"base": base, "repeats": repeats, "fresh": {}, "running": {}}
+    after = export_tree(head, root / "head") if head else REPO
+    trees = {"before": export_tree(base, root / "base"), "after": after}
+    out = {"base": base, "head": head or "this tree", "repeats": repeats, "fresh": {}}
+    out["running"] = {}
     clusters = {label: RunningCluster(code, root) for label, code in trees.items()}
     try:
         for how in ("fresh", "running"):
@@ -126,7 +128,7 @@ def before_after(root: Path, base=BASE, repeats=3) -> dict:
 def format_before_after(r: dict) -> str:
     lines = [
         f"\nstart-up (1 tiny checkpoint; best of {r['repeats']}, alternating; before = "
-        f"{r['base']})",
+        f"{r['base']}, after = {r['head']})",
         f"  {'cluster':10s} {'code':7s} {'first layer s':>13s} {'wall s':>8s}",
     ]
     for how in ("fresh", "running"):
@@ -142,11 +144,17 @@ def format_before_after(r: dict) -> str:
     return "\n".join(lines)
 
 
-MODES = {"startup": (lambda root, a: before_after(root, a.base, a.repeats), format_before_after)}
+MODES = {
+    "startup": (
+        lambda root, a: before_after(root, a.base, a.repeats, a.head),
+        format_before_after,
+    )
+}
 
 
 def _options(p) -> None:
     p.add_argument("--base", default=BASE, help="git ref of the 'before' code")
+    p.add_argument("--head", default=None, help="git ref of the 'after' code (default: this tree)")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(no_startup=True)
 

@@ -19,6 +19,7 @@ from benchmarks import (
     floor,
     incremental,
     kernel,
+    optimizer,
     spectral,
     startup,
     throughput,
@@ -148,7 +149,8 @@ def test_floor_mode_times_the_kernel_parts_and_the_resume_cost(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["throughput", "incremental", "spectral", "devices", "floor", "kernel", "startup"]
+    "script",
+    ["throughput", "incremental", "spectral", "devices", "floor", "kernel", "startup", "optimizer"],
 )
 def test_each_benchmark_script_runs_from_the_command_line(script):
     """`python benchmarks/<script>.py --help`: the script finds its shared helpers when run as
@@ -194,3 +196,11 @@ def test_startup_before_after_on_fresh_and_running_clusters(tmp_path):
             x = out[how][label]
             assert 0 < x["first_layer_s"] < x["wall_s"]
     assert "running cluster" in startup.format_before_after(out)
+
+
+@pytest.mark.slow  # an AdamW series and three analyze subprocesses
+def test_optimizer_row_reads_the_state_and_times_both(tmp_path):
+    out = optimizer.with_and_without(tmp_path, 2, 5, repeats=1, workers=1)
+    assert out["precond_values"] > 0  # the with-state run measured the preconditioned band
+    assert out["state_bytes"] > out["model_bytes"] > 0 and out["ratio"] > 0
+    assert "optimizer state" in optimizer.format_optimizer(out)
