@@ -74,6 +74,12 @@ def test_adamw_two_plateaus(tmp_path):
     assert str(ds.temperature_refusal.values) == ""
     assert float(ds.momentum_offset_steps) == pytest.approx(momentum_offset_steps("adam", 0.9))
     _check_targets(truth, ds)
+    # first law: heat from Adam's own temperature, no SGD work formula
+    assert np.isnan(ds.work.values).all()
+    t = ds.temperature.values
+    both = np.isfinite(t[1:]) & np.isfinite(t[:-1])
+    heat = 0.5 * ds.n_params.values * np.diff(t, axis=0)
+    np.testing.assert_allclose(ds.heat.values[1:][both], heat[both], rtol=1e-12)
     # the SGD relation T = D / (2 lr) on the same series measures lr, not the noise: about
     # the same number for every layer, while the true temperatures span a factor 6
     order = [list(ds.layer.values).index(n) for n in BIG]

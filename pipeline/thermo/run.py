@@ -74,6 +74,13 @@ def add_first_law(ds: xr.Dataset) -> xr.Dataset:
     work, heat = first_law_split(
         ds.drift_speed2.values, ds.diffusivity.values, lr, dt, ds.n_params.values
     )
+    estimator = str(ds.temperature_estimator.values) if "temperature_estimator" in ds else ""
+    if estimator not in ("", "einstein_sgd"):
+        # the split above is plain SGD's (work n v^2/lr, T = D/(2 lr)); for another optimizer
+        # the heat follows its own temperature (equipartition), the work has no formula here
+        heat = np.full(heat.shape, np.nan)
+        heat[1:] = 0.5 * ds.n_params.values * np.diff(ds.temperature.values, axis=0)
+        work = np.full(work.shape, np.nan)
     dloss = np.concatenate([[np.nan], np.diff(_checkpoint_energy(ds))])
     return ds.assign(
         work=(("step", "layer"), work),
