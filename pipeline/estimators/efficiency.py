@@ -181,6 +181,21 @@ REALIZED_REL_TOL = 1e-12
 """|work + heat| below this fraction of |work| + |heat| counts as a zero denominator."""
 
 
+def released_heat(t_start, t_end, n_params, valley_fraction: float = 1.0):
+    """Heat a layer releases between two states: (f n / 2) (T_start - T_end), loss units.
+
+    Equipartition: each of the f n valley directions stores T/2 of thermal loss, so cooling
+    from T_start to T_end releases that difference (negative when the layer heats up). The
+    net first-law heat of the interval, not a total variation of a noisy T. f
+    (``valley_fraction``) is not identifiable from displacements; 1 is an upper bound
+    (METHODS.md 6). numpy-vectorised.
+    """
+    t0 = np.asarray(t_start, dtype=np.float64)
+    t1 = np.asarray(t_end, dtype=np.float64)
+    out = 0.5 * valley_fraction * np.asarray(n_params, dtype=np.float64) * (t0 - t1)
+    return float(out) if out.ndim == 0 else out
+
+
 def realized_efficiency(work, heat):
     """Realized efficiency work / (work + heat) of an interval (dimensionless).
 

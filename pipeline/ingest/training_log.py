@@ -35,6 +35,7 @@ import re
 from pipeline.core.errors import InputError
 from pipeline.core.manifest import TensorInfo, TrainingLog
 from pipeline.ingest import layouts, remote
+from pipeline.ingest.architecture import activation_after
 
 STEP_KEYS = ("step", "global_step", "trainer/global_step")
 # Names of the training loss and learning rate in the loggers we know, in priority order.
@@ -375,9 +376,11 @@ def read_activations(run_dir, tensor_names) -> dict[str, str]:
     """{tensor name: activation} from the run's config.json (the run folder's, else the latest
     checkpoint folder's). ``thermoscope_activations`` ({name, dotted prefix or glob: activation};
     exact name, then longest key wins) has priority; otherwise the HF ``hidden_act`` /
-    ``activation_function`` / ``hidden_activation`` applies to every weight tensor of 2 or more
-    dimensions. ``tensor_names`` holds names or ``TensorInfo``; for bare names the dimension is
-    unknown, so the HF default applies to names ending in ``weight``. Uncovered tensors are absent.
+    ``activation_function`` / ``hidden_activation`` applies to the weight tensors of 2 or more
+    dimensions that feed it, by the rules of ``architecture.activation_after`` (MLP input
+    projections; "none" for attention, output projections, embeddings, heads). ``tensor_names``
+    holds names or ``TensorInfo``; for bare names the dimension is unknown, so names ending in
+    ``weight`` count as matrices. Uncovered tensors are absent (activation unknown).
     """
     path = config_path(run_dir)
     if path is None:
@@ -397,8 +400,10 @@ def read_activations(run_dir, tensor_names) -> dict[str, str]:
         keys = [k for k in explicit if _matches(name, k)]
         if keys:
             out[name] = explicit[name] if name in explicit else explicit[max(keys, key=len)]
-        elif default is not None and _is_matrix_weight(t):
-            out[name] = default
+        elif default is not None:
+            act = activation_after(name, _is_matrix_weight(t), default)
+            if act is not None:
+                out[name] = act
     return out
 
 

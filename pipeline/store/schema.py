@@ -223,14 +223,29 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "carnot_efficiency": (
         "1",
-        "Carnot bound 1 - T_cold/T_hot between the layer and the next one",
+        "Carnot bound 1 - T_cold/T_hot between the layer and the next one in signal order",
         "efficiency.carnot_efficiency",
     ),
     "realized_efficiency": (
         "1",
-        "realized efficiency over the run: total work / (total work + total |heat|); "
-        "NaN where total work <= 0 (drift unresolved)",
+        "realized efficiency W / (W + Q) between the layer's first and last identified T: "
+        "W the first-law work, Q the heat released by cooling (n/2)(T_first - T_last)",
         "efficiency.realized_efficiency",
+    ),
+    "work_efficiency_reason": (
+        "1",
+        "why the layer has no activation work efficiency (0: computed; table in attrs)",
+        "thermo.run._work_efficiency",
+    ),
+    "carnot_efficiency_reason": (
+        "1",
+        "why the Carnot bound is masked (0: computed; table in attrs)",
+        "thermo.run._carnot",
+    ),
+    "realized_efficiency_reason": (
+        "1",
+        "why the realized efficiency is refused (0: computed; table in attrs)",
+        "thermo.run._realized",
     ),
     "engine_type": (
         "1",

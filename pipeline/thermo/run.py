@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from pipeline.core.reasons import EfficiencyReason
 from pipeline.estimators.efficiency import (
     carnot_efficiency,
     engine_type,
     preactivation_scale,
     realized_efficiency,
+    released_heat,
     work_efficiency,
 )
 from pipeline.estimators.ensemble import ensemble_entropy
@@ -25,6 +27,7 @@ from pipeline.estimators.thermodynamics import (
     relaxation_rate,
     state_temperature,
 )
+from pipeline.ingest.architecture import NO_ACTIVATION, signal_partners
 from pipeline.settings import ThermoSettings
 from pipeline.store.zarr_io import annotate
 from pipeline.thermo.temperature import add_global_temperature, add_temperature
@@ -89,29 +92,82 @@ def add_first_law(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
-    """Heat-engine efficiencies: activation work efficiency, Carnot bound, realized efficiency."""
+def _work_efficiency(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Activation work efficiency per (step, layer) for tensors that feed an activation, and
+    the per-layer reason (1-D tensor, no activation, activation unknown) where they do not."""
     acts = [str(a) for a in ds.activation.values]
     scale = preactivation_scale(ds.weight_rms.values, ds.fan_in.values[None, :])
-    work_eff = np.full(scale.shape, np.nan)
+    values = np.full(scale.shape, np.nan)
+    reason = np.full(len(acts), EfficiencyReason.OK, dtype=np.int8)
     for j, act in enumerate(acts):
-        if act != "unknown" and not bool(ds.is_vector.values[j]):
-            work_eff[:, j] = [
-                work_efficiency(act, float(s)) if np.isfinite(s) else np.nan for s in scale[:, j]
-            ]
+        if bool(ds.is_vector.values[j]):
+            reason[j] = EfficiencyReason.VECTOR
+        elif act == NO_ACTIVATION:
+            reason[j] = EfficiencyReason.NO_ACTIVATION
+        elif act == "unknown":
+            reason[j] = EfficiencyReason.ACTIVATION_UNKNOWN
+        else:
+            values[:, j] = [work_efficiency(act, float(s)) for s in scale[:, j]]
+    return values, reason
+
+
+def _carnot(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Carnot bound 1 - T_cold/T_hot between each 2-D layer and the next one in signal order
+    (``architecture.signal_partners``), only where both temperatures are identified."""
     temp = ds.temperature.values
-    neighbour = np.concatenate([temp[:, 1:], np.full((temp.shape[0], 1), np.nan)], axis=1)
-    carnot = carnot_efficiency(np.fmin(temp, neighbour), np.fmax(temp, neighbour))
-    # over the run: a single interval's drift estimate can be negative (noise-dominated)
-    total_work = np.nansum(ds.work.values, axis=0)
-    realized = realized_efficiency(
-        np.where(total_work > 0, total_work, np.nan), np.nansum(np.abs(ds.heat.values), axis=0)
-    )
-    types = [engine_type(a) if a != "unknown" else "unknown" for a in acts]
+    partners = signal_partners([str(n) for n in ds.layer.values], ds.is_vector.values)
+    values = np.full(temp.shape, np.nan)
+    reason = np.full(temp.shape, EfficiencyReason.NO_PARTNER, dtype=np.int8)
+    for j, p in enumerate(partners):
+        if bool(ds.is_vector.values[j]):
+            reason[:, j] = EfficiencyReason.VECTOR
+        elif p >= 0:
+            pair = temp[:, [j, p]]
+            values[:, j] = carnot_efficiency(pair.min(axis=1), pair.max(axis=1))
+            ok = np.isfinite(values[:, j])
+            reason[:, j] = np.where(ok, EfficiencyReason.OK, EfficiencyReason.NO_TEMPERATURE)
+    return values, reason
+
+
+def _realized(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Realized efficiency W / (W + Q) per layer between its first and last identified T:
+    W the summed first-law work of those intervals, Q the heat released (``released_heat``,
+    equipartition). Refused (NO_TEMPERATURE) without two identified steps, (NO_HEAT) unless
+    W > 0 and Q >= 0 (an engine that absorbs heat from the layer's cooling)."""
+    temp, work, n = ds.temperature.values, ds.work.values, ds.n_params.values
+    values = np.full(temp.shape[1], np.nan)
+    reason = np.full(temp.shape[1], EfficiencyReason.NO_TEMPERATURE, dtype=np.int8)
+    for j in range(temp.shape[1]):
+        have = np.flatnonzero(np.isfinite(temp[:, j]))
+        if have.size < 2:
+            continue
+        first, last = have[0], have[-1]
+        w = np.nansum(work[first + 1 : last + 1, j])
+        q = released_heat(temp[first, j], temp[last, j], n[j])
+        if w > 0 and q >= 0:
+            values[j] = realized_efficiency(w, q)
+            reason[j] = EfficiencyReason.OK
+        else:
+            reason[j] = EfficiencyReason.NO_HEAT
+    return values, reason
+
+
+def add_efficiency(ds: xr.Dataset) -> xr.Dataset:
+    """Heat-engine efficiencies with their reason codes: the activation's work efficiency
+    (tensors that feed an activation), the Carnot bound (signal-order neighbours, both T
+    identified) and the realized efficiency (work over work + released heat)."""
+    work_eff, work_reason = _work_efficiency(ds)
+    carnot, carnot_reason = _carnot(ds)
+    realized, realized_reason = _realized(ds)
+    acts = [str(a) for a in ds.activation.values]
+    types = [engine_type(a) if a not in ("unknown", NO_ACTIVATION) else a for a in acts]
     return ds.assign(
         work_efficiency=(("step", "layer"), work_eff),
+        work_efficiency_reason=("layer", work_reason),
         carnot_efficiency=(("step", "layer"), carnot),
+        carnot_efficiency_reason=(("step", "layer"), carnot_reason),
         realized_efficiency=("layer", realized),
+        realized_efficiency_reason=("layer", realized_reason),
         engine_type=("layer", types),
     )
 
