@@ -84,6 +84,9 @@ class ThermoSettings:
     temperature_window: int = 8
     # narrowest window (at the ends of the series), in intervals; fewer checkpoints: no T
     temperature_min_window: int = 4
+    # rounding noise subtracted: "auto" (fp32 files on the bf16 grid = pure-bf16 training:
+    # none; bf16 files: export rounding of fp32 master weights), "storage" or "none"
+    rounding_correction: str = "auto"
     # checkpoints over which the macroscopic state must be stationary
     equilibrium_window: int = 8
     equilibrium_rel_tol: float = 0.05

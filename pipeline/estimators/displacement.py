@@ -126,6 +126,19 @@ def rounding_noise_var(values: torch.Tensor) -> float:
     return float((ulp * ulp).mean().item() / 12.0)
 
 
+def on_bf16_grid(values: torch.Tensor) -> bool:
+    """True when every finite value is exactly representable in bfloat16.
+
+    fp32 checkpoints whose values all lie on the bf16 grid come from pure-bf16 training
+    exported to fp32 (a random fp32 value is on the grid with probability 2^-16, so a sample of
+    thousands decides). Such a series holds the exact training state: no rounding happened at
+    export, so no white rounding noise is subtracted (METHODS.md, "bf16").
+    """
+    x = values.reshape(-1).to(torch.float32)
+    x = x[torch.isfinite(x)]
+    return bool(x.numel() > 0 and torch.equal(x.to(torch.bfloat16).to(torch.float32), x))
+
+
 @lru_cache(maxsize=256)
 def _window_design(rel_steps: tuple, fit_lags: int):
     """Matrices that depend only on the window's relative steps (cached for even spacing)."""

@@ -33,6 +33,8 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
         "non_gaussianity",
         "nonfinite_count",
         "rounding_noise_var",
+        "on_bf16_grid",
+        "bf16_noise_var",
         "spectral_entropy",
         "stable_rank",
     ):
@@ -64,6 +66,7 @@ def run_dataset(run: Run, layers: dict[str, dict], settings: MeasureSettings) ->
         "n_params": ("layer", n_params),
         "activation": ("layer", [run.activations.get(n, "unknown") for n in names]),
         "is_vector": ("layer", [len(t.shape) < 2 for t in run.tensors]),
+        "storage_dtype": ("layer", [t.dtype for t in run.tensors]),
         "depth": ("layer", np.arange(len(names))),
         "learning_rate": ("step", _log_on_steps(run, "learning_rate")),
         "loss": ("step", _log_on_steps(run, "loss")),

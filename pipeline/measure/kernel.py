@@ -20,6 +20,7 @@ import torch
 
 from pipeline.estimators.displacement import (
     band_from_increment_dots,
+    on_bf16_grid,
     rounding_noise_var,
     sq_distance_band,
 )
@@ -399,6 +400,10 @@ def finalize_layer(blocks: list[dict]) -> dict:
     # the sample back in its storage dtype (exact from fp32): the rounding noise of that dtype
     storage = torch_dtype(blocks[0]["dtype"])
     rounding = np.array([rounding_noise_var(torch.from_numpy(row).to(storage)) for row in sample])
+    on_grid = np.array([on_bf16_grid(torch.from_numpy(row)) for row in sample], dtype=np.int8)
+    grid_noise = np.array(
+        [rounding_noise_var(torch.from_numpy(row).to(torch.bfloat16)) for row in sample]
+    )
     gauss = gaussian_entropy(np.where(var > 0, var, np.nan))
     result = {
         "weight_mean": mean,
@@ -408,6 +413,8 @@ def finalize_layer(blocks: list[dict]) -> dict:
         "non_gaussianity": gauss - entropy,
         "nonfinite_count": total["nonfinite"],
         "rounding_noise_var": rounding,
+        "on_bf16_grid": on_grid,
+        "bf16_noise_var": grid_noise,
         "sq_distance": total["sq_distance"],
         "ensemble_log_var": total["ensemble_log_var"],
         "ensemble_frozen": total["ensemble_frozen"],

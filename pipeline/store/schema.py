@@ -30,6 +30,16 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "variance per value of the storage dtype's rounding (ulp^2/12)",
         "displacement.rounding_noise_var",
     ),
+    "on_bf16_grid": (
+        "1",
+        "1 when every sampled value is exactly representable in bfloat16",
+        "displacement.on_bf16_grid",
+    ),
+    "bf16_noise_var": (
+        "weight^2",
+        "variance per value of bfloat16 rounding of the values (ulp^2/12)",
+        "displacement.rounding_noise_var",
+    ),
     "sq_distance": (
         "weight^2",
         "squared distance to the checkpoint lag steps back, summed over the layer",

@@ -202,6 +202,7 @@ def derive_run(ds: xr.Dataset, settings: ThermoSettings) -> xr.Dataset:
         settings.optimizer,
         settings.max_grad_norm,
         settings.temperature_min_window,
+        settings.rounding_correction,
     )
     ds = add_global_temperature(ds)
     ds = add_ensemble_entropy(ds)

@@ -57,12 +57,62 @@ def window_rounding_resolution(
         )
 
 
+ROUNDING_CORRECTIONS = ("auto", "storage", "none")
+
+
+def rounding_correction(ds: xr.Dataset, setting: str = "auto"):
+    """Per layer: the white rounding noise to subtract (weight^2), the noise whose grid limits
+    the resolution test, and a label saying which correction was used.
+
+    ``auto``: fp32/fp16 files whose values all lie on the bf16 grid (``on_bf16_grid`` at every
+    step) hold pure-bf16 training exported losslessly: nothing is subtracted, the resolution is
+    judged on the bf16 grid the training moved on. bf16 files: the export rounding of fp32
+    master weights is subtracted (mixed precision; a pure-bf16 run saved in bf16 has no export
+    rounding: set ``thermo.rounding_correction: none``). Other files: the storage dtype's
+    rounding (ulp^2/12; ~1e-15 relative for fp32). ``storage``: always the storage rounding;
+    ``none``: nothing subtracted. METHODS.md, "bf16".
+    """
+    if setting not in ROUNDING_CORRECTIONS:
+        raise ValueError(
+            f"thermo.rounding_correction {setting!r} not one of {ROUNDING_CORRECTIONS}"
+        )
+    storage = ds.rounding_noise_var.mean("step").values
+    grid = ds.bf16_noise_var.mean("step").values if "bf16_noise_var" in ds else storage
+    dtypes = (
+        [str(d) for d in ds.storage_dtype.values] if "storage_dtype" in ds else ["?"] * len(storage)
+    )
+    on_grid = (
+        (ds.on_bf16_grid.fillna(0).min("step").values > 0)
+        if "on_bf16_grid" in ds
+        else np.zeros(len(storage), dtype=bool)
+    )
+    subtract, resolution, labels = storage.copy(), storage.copy(), []
+    for j, dtype in enumerate(dtypes):
+        pure = on_grid[j] and dtype != "BF16"
+        if pure:
+            resolution[j] = grid[j]
+        if setting == "none" or (setting == "auto" and pure):
+            subtract[j] = 0.0
+            why = (
+                "pure-bf16 training exported to " + dtype
+                if pure and setting == "auto"
+                else "setting"
+            )
+            labels.append(f"none ({why})")
+        elif dtype == "BF16":
+            labels.append("bf16 export rounding subtracted (assumes fp32 master weights)")
+        else:
+            labels.append(f"{dtype} storage rounding subtracted")
+    return subtract, resolution, labels
+
+
 def add_temperature(
     ds: xr.Dataset,
     window: int,
     optimizer: str = "auto",
     max_grad_norm: float | None = 1.0,
     min_window: int | None = None,
+    rounding: str = "auto",
 ) -> xr.Dataset:
     """Diffusivity and local temperature per (step, layer) from the squared-distance band;
     the optimizer decides which band and which step size form the temperature
@@ -79,7 +129,8 @@ def add_temperature(
         min_window = max(1, min(int(min_window), window))
     steps = ds.step.values
     n_params = ds.n_params.values
-    noise = ds.rounding_noise_var.mean("step").values  # weight^2, white noise of the storage dtype
+    # weight^2: the white rounding noise subtracted, and the grid the resolution test uses
+    noise, grid_noise, correction = rounding_correction(ds, rounding)
 
     def estimate(band, white, offset=0.0):
         return per_layer(
@@ -100,12 +151,13 @@ def add_temperature(
     lr = window_learning_rate(
         steps, ds.log_step.values, ds.log_learning_rate.values, window, min_window
     )
-    rel = temperature_relation(ds, optimizer, max_grad_norm)
+    subtracted = ds.rounding_noise_var.copy(data=np.broadcast_to(noise, ds.msd.shape).copy())
+    rel = temperature_relation(ds.assign(rounding_noise_var=subtracted), optimizer, max_grad_norm)
     used = est
     if rel.estimator == "preconditioned_adam" or rel.offset_steps:
         used = estimate(rel.band, rel.noise, rel.offset_steps)
     eta = _window_eta(rel, steps, lr, window, min_window, ds.sizes["layer"])
-    resolution = window_rounding_resolution(ds.msd.values, noise, starts, ends)
+    resolution = window_rounding_resolution(ds.msd.values, grid_noise, starts, ends)
     d_reason = _with_rounding(est["reason"], resolution)
     reason = _with_rounding(used["reason"], resolution)
     ok = reason == TemperatureReason.IDENTIFIED
@@ -152,6 +204,7 @@ def add_temperature(
     ).assign_coords(
         temperature_window_start=("step", _steps_at(steps, starts)),
         temperature_window_end=("step", _steps_at(steps, ends)),
+        rounding_correction=("layer", correction),
     )
 
 
