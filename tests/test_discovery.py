@@ -139,11 +139,9 @@ def test_trainer_log_and_activations_attached(tmp_path):
     cf.write_trainer(tmp_path / "run", [10, 20], hidden_act="silu")
     r = discover(tmp_path / "run").runs[0]
     assert r.log.step == [10, 20] and r.log.source.endswith("checkpoint-20/trainer_state.json")
-    assert r.activations == {
-        "layers.0.weight": "silu",
-        "layers.2.weight": "silu",
-        "layers.10.weight": "silu",
-    }
+    # the config was read; the tiny model's generic names match no architecture rule, so no
+    # tensor is claimed to feed silu (ingest/architecture.py; tests/test_architecture_efficiency)
+    assert r.activations == {}
 
 
 def test_loose_file_next_to_trainer_folders_is_listed_not_used(tmp_path):

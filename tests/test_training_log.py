@@ -110,18 +110,24 @@ def _config(tmp_path, cfg):
 
 
 def test_hf_activation_applies_to_matrices(tmp_path):
+    """The model's activation goes only to the matrices that feed it (ingest/architecture.py);
+    names no rule covers stay unknown (absent)."""
     _config(tmp_path, {"hidden_act": "gelu_new"})
-    assert read_activations(tmp_path, TENSORS) == {
-        "embed.weight": "gelu_new",
-        "layers.1.weight": "gelu_new",
-        "layers.10.weight": "gelu_new",
+    assert read_activations(tmp_path, TENSORS) == {}
+    gpt2 = ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias", "h.0.attn.c_attn.weight", "wte.weight"]
+    assert read_activations(tmp_path, gpt2) == {
+        "h.0.mlp.c_fc.weight": "gelu_new",
+        "h.0.attn.c_attn.weight": "none",
+        "wte.weight": "none",
     }
 
 
 @pytest.mark.parametrize("key", ["activation_function", "hidden_activation"])
 def test_other_hf_keys(tmp_path, key):
     _config(tmp_path, {key: "relu"})
-    assert read_activations(tmp_path, TENSORS)["layers.1.weight"] == "relu"
+    assert read_activations(tmp_path, ["layers.1.mlp.up_proj.weight"]) == {
+        "layers.1.mlp.up_proj.weight": "relu"
+    }
 
 
 def test_thermoscope_activations_priority_prefix_and_glob(tmp_path):
@@ -142,19 +148,19 @@ def test_thermoscope_activations_priority_prefix_and_glob(tmp_path):
         "embed.weight": "linear",
         "layers.1.weight": "tanh",
         "layers.1.bias": "identity",
-        "layers.10.weight": "gelu",
         "norm.weight": "none",
-    }
+    }  # layers.10.weight: no architecture rule says it feeds gelu -> unknown (absent)
 
 
 def test_bare_names_use_weight_suffix(tmp_path):
     _config(tmp_path, {"hidden_act": "silu"})
-    assert read_activations(tmp_path, ["a.weight", "a.bias"]) == {"a.weight": "silu"}
+    names = ["a.mlp.fc1.weight", "a.mlp.fc1.bias"]
+    assert read_activations(tmp_path, names) == {"a.mlp.fc1.weight": "silu"}
 
 
 def test_config_in_latest_checkpoint(tmp_path):
     cf.write_trainer(tmp_path, [1], hidden_act="relu")
-    assert read_activations(tmp_path, TENSORS)["layers.10.weight"] == "relu"
+    assert read_activations(tmp_path, ["h.0.mlp.c_fc.weight"])["h.0.mlp.c_fc.weight"] == "relu"
 
 
 def test_no_config_and_bad_config(tmp_path):
