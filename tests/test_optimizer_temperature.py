@@ -6,6 +6,7 @@ ratio within 10% of the LR ratio, and the truth equal to 2 <L_A - L_A*> / n (Lya
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 
@@ -16,6 +17,7 @@ from scipy.stats import rankdata
 
 from pipeline.analyze import analyze
 from pipeline.estimators.preconditioned import momentum_offset_steps
+from pipeline.report.render import render_report
 from pipeline.settings import ClusterSettings
 from pipeline.testing.optim_series import QuadraticLayer, simulate_optimizer_series
 
@@ -180,3 +182,7 @@ def test_sweep_fits_within_optimizer_groups(tmp_path):
 
     mixed = fit_power_law(ds.run_learning_rate.values, ds.run_temperature.values)[1]
     assert abs(mixed - 1.0) > 0.3
+    # the report names each run's optimizer and relation and the per-group fits
+    page = html.unescape(render_report(store, tmp_path / "report").read_text())
+    assert "adamw (state) → preconditioned_adam" in page and "sgd (state) → einstein_sgd" in page
+    assert "within each optimizer group" in page and "Only the adamw runs" in page

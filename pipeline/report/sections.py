@@ -302,6 +302,14 @@ def sweep_section(sweep: xr.Dataset | None) -> Section:
     if sweep is None:
         return Section("sweep", title, note("Single run: no sweep node."))
     points = sweep_points(sweep)
+    if points is not None and "run_optimizer" in sweep.coords and "fit_group" in sweep:
+        group = str(sweep["fit_group"].values)
+        same = sweep["run_optimizer"] == group  # never one line across optimizers
+        points = tuple(p.where(same) if "run" in p.dims else p for p in points)
+        caption += (
+            f" Only the {esc(group)} runs (the fit group) are drawn; runs of other optimizers "
+            "are in the table and fitted within their own group (summary)."
+        )
     fig = (
         None
         if points is None
