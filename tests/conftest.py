@@ -18,6 +18,7 @@ def dask_cluster():
     """A real 2-worker LocalCluster; tests join it by address like an existing cluster."""
     from distributed import LocalCluster
 
+    environ = dict(os.environ)
     with LocalCluster(
         n_workers=2,
         threads_per_worker=1,
@@ -25,4 +26,8 @@ def dask_cluster():
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster:
+        # Dask's nannies write their pre-spawn environment (MALLOC_TRIM_THRESHOLD_=65536,
+        # OMP_NUM_THREADS=1, ...) into this process's: restore it for the tests that follow
+        os.environ.clear()
+        os.environ.update(environ)
         yield cluster

@@ -177,12 +177,16 @@ def _worker_state():
     }
 
 
-def test_worker_processes_fork_from_the_preloaded_server():
+def test_worker_processes_fork_from_the_preloaded_server(monkeypatch):
     """Workers are children of the forkserver (torch imported there once) and carry the worker
-    environment it was started with: malloc settings and one OpenMP thread."""
+    environment it was started with: malloc settings and one OpenMP thread. Whatever an earlier
+    cluster left in this process's environment (Dask's nanny writes its defaults there, and
+    prefers them to its config), and without leaking ours into it."""
     from pipeline.measure.forkserver import WORKER_MALLOC
     from pipeline.measure.parallel import dask_client
 
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # a default Dask cluster's leftover
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with dask_client(ClusterSettings(n_workers=2, processes=True)) as client:
         states = list(client.run(_worker_state).values())
     assert len(states) == 2 and states[0]["parent"] == states[1]["parent"] != os.getpid()
@@ -191,6 +195,36 @@ def test_worker_processes_fork_from_the_preloaded_server():
     for state in states:
         assert state["malloc"] == WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]
         assert state["omp"] == "1" and state["torch_threads"] == 1
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536" and "OMP_NUM_THREADS" not in os.environ
+
+
+def _server_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_forkserver_started_elsewhere_first_is_replaced_by_ours():
+    """A forkserver someone else launched first (no preload, this process's environment) and
+    serving no process is replaced by ``start``: the server workers fork from has imported
+    torch and holds the worker malloc settings, which glibc reads only when a process starts."""
+    import multiprocessing.forkserver
+
+    from pipeline.measure import forkserver
+
+    server = multiprocessing.forkserver._forkserver
+    server._stop()
+    server.set_forkserver_preload([])
+    server.ensure_running()  # as a pool or DataLoader would, before thermoscope
+    foreign = server._forkserver_pid
+    assert b"torch" not in Path(f"/proc/{foreign}/cmdline").read_bytes()
+    forkserver.start()
+    ours = server._forkserver_pid
+    assert ours != foreign and not Path(f"/proc/{foreign}").exists()
+    assert b"torch" in Path(f"/proc/{ours}/cmdline").read_bytes()
+    environ = _server_environ(ours)
+    assert {k: environ.get(k) for k in forkserver.WORKER_ENV} == forkserver.WORKER_ENV
+    forkserver.start()
+    assert server._forkserver_pid == ours  # ours is kept
 
 
 def test_thread_workers_run_torch_single_threaded():

@@ -7,14 +7,21 @@ OpenMP/BLAS thread per worker process, the glibc malloc settings; ``WORKER_ENV``
 has Dask's nannies fork their workers from it (``distributed.worker.multiprocessing-method:
 forkserver``), which takes ~0.1 s each. Started early (before the main process imports torch
 and xarray) the server's imports run on the otherwise idle second core; it lives until this
-process exits and serves every later cluster (tests start many). Light: stdlib only.
+process exits and serves every later cluster (tests start many); ``start`` before each makes
+sure the running server is that one. ``worker_environ`` holds the worker environment in this
+process while a cluster starts, so neither an earlier cluster's leftovers nor ours leak across
+(Dask's nanny reads and writes ``os.environ``). Light: stdlib only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,29 +48,62 @@ WORKER_ENV = {
     "PYTHONHASHSEED": "6640",
 }
 
-_started = False
+_server_pid: int | None = None  # the server ``start`` launched (None: none yet)
 
 
-def start() -> None:
-    """Launch the forkserver with ``PRELOAD`` imported and the worker environment (no-op when
-    already started). Returns at once: the imports run in the server."""
-    global _started
-    if _started:
-        return
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+@contextlib.contextmanager
+def worker_environ() -> Iterator[None]:
+    """``WORKER_ENV`` in this process's ``os.environ`` for the block, its own values after.
+
+    What starts a worker (the server's launch, a Dask nanny) reads the environment here, and
+    Dask's nanny prefers ``os.environ`` over its ``pre-spawn-environ`` config and writes the
+    result back into ``os.environ``: without this, a value left by an earlier cluster (Dask's
+    default ``MALLOC_TRIM_THRESHOLD_=65536``) would win, and ours would leak into this process
+    (``OMP_NUM_THREADS=1`` for every later subprocess)."""
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(
-        WORKER_ENV
-    )  # the server (and so every worker) starts with these; this process keeps its own
+    os.environ.update(WORKER_ENV)
     try:
-        multiprocessing.forkserver.ensure_running()
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    _started = True
+
+
+def start() -> None:
+    """Launch the forkserver with ``PRELOAD`` imported and the worker environment. Returns at
+    once: the imports run in the server. A no-op while the server it launched runs; one that
+    died is launched again, and one that someone else launched first (a pool, a DataLoader),
+    which has neither, is replaced when it serves no process (``_replace_foreign``)."""
+    global _server_pid
+    server = multiprocessing.forkserver._forkserver  # the one every forkserver context uses
+    running = server._forkserver_pid
+    if running is not None and running != _server_pid and not _replace_foreign(server, running):
+        return
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    with worker_environ():
+        server.ensure_running()  # no-op while ours runs; relaunches it if it died
+    _server_pid = server._forkserver_pid
+
+
+def _replace_foreign(server: multiprocessing.forkserver.ForkServer, pid: int) -> bool:
+    """Stop a forkserver that this module did not launch when no process it forked is alive
+    (their exit status would be lost with it), so ``start`` launches ours; else keep it, with
+    a warning: workers then import torch themselves and run with Dask's defaults."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = ["unknown"]
+    if children:
+        logging.getLogger(__name__).warning(
+            "a multiprocessing forkserver started elsewhere serves live processes: workers "
+            "fork from it without thermoscope's preload and worker environment"
+        )
+        return False
+    server._stop()
+    return True
 
 
 def start_early(cluster: ClusterSettings) -> None:

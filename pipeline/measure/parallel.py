@@ -81,14 +81,15 @@ def _local_cluster(settings: ClusterSettings):
         else:
             return LocalCUDACluster(memory_limit=settings.memory_limit, **quiet)
     n = settings.n_workers or os.cpu_count() or 1
-    config = {}
+    config, environ = {}, contextlib.nullcontext()
     if settings.processes:  # fork the workers from the preloaded server (pipeline/forkserver.py)
-        forkserver.start()  # no-op when the caller started it early
+        forkserver.start()  # no-op while the server it started (early, by the caller) runs
         config = {
             f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in forkserver.WORKER_ENV.items()
         }
         config["distributed.worker.multiprocessing-method"] = "forkserver"
-    with dask.config.set(config):
+        environ = forkserver.worker_environ()  # the nannies start (and fork) inside the block
+    with dask.config.set(config), environ:
         return LocalCluster(
             n_workers=n,
             threads_per_worker=1,
