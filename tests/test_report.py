@@ -377,3 +377,22 @@ def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
         "noise diffusivity D" in found["temperature-map"]
         and "No learning-rate log" in found["temperature-map"]
     )
+
+
+def test_every_grey_cell_gives_its_reason(store, report):
+    """The temperature map's grey cells are exactly the store's masked cells, and the table
+    under the map names each one's reason with its steps (decoded from the store's attrs)."""
+    tree = xr.open_datatree(store, engine="zarr")
+    part = sections(report.read_text())["temperature-map"]
+    for run in (n for n in tree.children if n != "sweep"):
+        ds = tree[run].to_dataset()
+        reason = ds.temperature_reason.values
+        assert (np.isnan(ds.temperature.values) == (reason != 0)).all()
+        have = int((reason == 0).sum())
+        assert f"{run}: {have} of {reason.size} (layer, step) cells have a temperature" in part
+        for j, layer in enumerate(ds.layer.values):
+            masked = np.flatnonzero(reason[:, j] != 0)
+            if masked.size:  # the fixture masks the first step of every layer as code 2
+                assert re.search(rf"<td>{re.escape(str(layer))}</td>", part)
+                why = "relaxation time (MSD saturates between lags)"
+                assert f"{why} ({masked.size} steps" in part

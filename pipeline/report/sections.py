@@ -115,6 +115,36 @@ def _estimator_text(ds: xr.Dataset) -> str:
     return text
 
 
+def reason_texts(codes: xr.DataArray) -> dict[str, str]:
+    """{code: sentence} of a reason-code variable, from its ``reasons`` attr."""
+    items = codes.attrs.get("reasons", "").split("; ")
+    return dict(item.split(": ", 1) for item in items if ": " in item)
+
+
+def _refusal_text(sweep: xr.Dataset) -> str:
+    """The sweep fits the gates refused, each with its reason (nothing refused: empty)."""
+    out = []
+    for var, label in (
+        ("fit_k_reason", "power-law fit"),
+        ("free_energy_temperature_reason", "free-energy temperature"),
+        ("heat_capacity_reason", "heat capacity"),
+    ):
+        if var not in sweep:
+            continue
+        texts = reason_texts(sweep[var])
+        codes = np.atleast_1d(sweep[var].values)
+        refused = sorted({int(c) for c in codes if c != 0})
+        if refused:
+            why = "; ".join(texts.get(str(c), f"code {c}") for c in refused)
+            n = int(sum(c != 0 for c in codes))
+            out.append(f"{label} refused for {n} of {codes.size}: {why}")
+    return (
+        (" Refused (never shown as a number): " + " · ".join(esc(t) for t in out) + ".")
+        if out
+        else ""
+    )
+
+
 def _sweep_fit_text(sweep: xr.Dataset) -> str:
     """The power law per optimizer group (never one across optimizers)."""
     if "group_fit_k" not in sweep:
@@ -161,6 +191,8 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
     )
     if sweep is not None and "fit_k" in sweep and "fit_b" in sweep:
         intro += _sweep_fit_text(sweep)
+    if sweep is not None:
+        intro += _refusal_text(sweep)
     for run, ds in runs.items():
         if "lora_base" in ds.attrs:  # a LoRA adapter series: say what its adapted layers are
             intro += f" {esc(run)}: LoRA adapters, base model {esc(ds.attrs['lora_base'])}."
@@ -173,14 +205,15 @@ def summary_section(attrs: dict, runs: dict[str, xr.Dataset], sweep: xr.Dataset 
 MAP_CAPTIONS = {
     "temperature": (
         "Rows are layers from input (top) to output, columns checkpoints; colour is the "
-        "layer's temperature on a log scale (grey: not identifiable / NaN). Dashed lines: "
+        "layer's temperature on a log scale (grey: masked in the store, reason in the table "
+        "below). Dashed lines: "
         "learning-rate phase changes; diamonds: equilibrium onset. Equal colours across "
         "rows mean equipartition."
     ),
     "diffusivity": (
         "No learning-rate log for this run, so no temperature (T = D / (2 lr) needs the LR): "
         "colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
-        "from input (top) to output, columns checkpoints (grey: not identifiable / NaN)."
+        "from input (top) to output, columns checkpoints (grey: masked in the store)."
     ),
     "weight_entropy": (
         "Rows are layers in depth order, columns checkpoints; colour is the differential "
@@ -217,7 +250,56 @@ def map_section(runs: dict[str, xr.Dataset], var: str, title: str, log: bool) ->
                 f"{run}: '{shown}' has no finite{' positive' if log else ''} value; map skipped.",
             )
         )
+        if var == "temperature":
+            parts.append(reason_table(run, ds))
     return Section(f"{var}-map", title, "".join(parts) or note("No runs."))
+
+
+def reason_table(run: str, ds: xr.Dataset) -> str:
+    """Why every grey cell of the temperature map is grey: per layer, each reason code of
+    ``temperature_reason`` with its steps (the store's mask, decoded from the variable's attrs).
+    """
+    if "temperature_reason" not in ds:
+        return note(f"{run}: the store has no temperature_reason; grey cells unexplained.")
+    reason = ds["temperature_reason"].values
+    texts = reason_texts(ds["temperature_reason"])
+    steps = ds["step"].values
+    rows = []
+    for j, layer in enumerate(ds["layer"].values):
+        masked = reason[:, j] != 0
+        if not masked.any():
+            continue
+        why = []
+        for code in np.unique(reason[masked, j]):
+            at = np.flatnonzero(reason[:, j] == code)
+            label = texts.get(str(int(code)), f"code {int(code)}")
+            why.append(f"{label} ({len(at)} steps: {_step_ranges_idx(steps, at)})")
+        rows.append([str(layer), int((~masked).sum()), "; ".join(why)])
+    total = reason.size
+    have = int((reason == 0).sum())
+    head = (
+        f"<p>{esc(run)}: {have} of {total} (layer, step) cells have a temperature "
+        f"({100 * have / max(total, 1):.0f}%). Every grey cell of the map is masked in the store "
+        "(NaN) for the reason below; nothing masked enters the global T, spread, sweep fits, "
+        "Carnot bounds or equilibrium.</p>"
+    )
+    if not rows:
+        return head
+    return head + table_html(
+        ["layer", "cells with T", "grey cells: reason (steps)"], rows, "sortable"
+    )
+
+
+def _step_ranges_idx(steps: np.ndarray, idx: np.ndarray) -> str:
+    """Checkpoint indices as ranges of consecutive checkpoints, shown as steps."""
+    parts, start = [], idx[0]
+    for a, b in zip(idx, list(idx[1:]) + [None]):
+        if b is None or b != a + 1:
+            parts.append(
+                fmt(steps[start]) if start == a else f"{fmt(steps[start])}–{fmt(steps[a])}"
+            )
+            start = b
+    return ", ".join(parts)
 
 
 def curves_section(runs: dict[str, xr.Dataset]) -> Section:
