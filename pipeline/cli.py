@@ -181,17 +181,21 @@ def _report(args, progress) -> dict:
 
 
 def _check(args, progress) -> dict:
-    from pipeline.ingest.validate import check_and_plan, format_plan, format_table
+    from pipeline.ingest.validate import check_and_plan, format_forecast, format_plan, format_table
 
     rows, plan = check_and_plan(args.path, args.steps, args.layers)
     if not args.json_log:
         if plan:  # before the table, whose last line is the count
             print(format_plan(plan))
+            print(format_forecast(plan["forecast"]))
         print(format_table(rows))
     bad = sum(r["verdict"] != "ok" for r in rows)
     out = {"files": len(rows), "bad": bad, "exit": 1 if bad else 0}
     if plan:
         out.update(bytes_to_read=plan["bytes"], estimated_seconds=list(plan["seconds"]))
+        out["identifiable_cells"] = {
+            r["run"]: [r["possible"], r["cells"]] for r in plan["forecast"]
+        }
     return out
 
 

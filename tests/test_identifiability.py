@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from pipeline.core.reasons import TEMPERATURE_REASONS as R_TEXT
 from pipeline.core.reasons import TemperatureReason as R
 from pipeline.estimators.displacement import checkpoint_windows, diffusivity_from_band
 from pipeline.testing.simulate import LayerSpec, reference_band, simulate_quadratic_series
@@ -148,3 +149,25 @@ def test_empty_layer_is_refused(n_params):
     steps = np.arange(10) * 5
     res = diffusivity_from_band(steps, np.ones((10, 8)), n_params, 8, min_window=4)
     assert np.isnan(res["diffusivity"]).all() and not res["identifiable"].any()
+
+
+def test_check_forecasts_identifiable_cells_before_measuring(tmp_path):
+    """``thermoscope check``: from the files alone, how many cells can get T and why not."""
+    from pipeline.ingest.validate import check_and_plan, format_forecast
+
+    _series(tmp_path / "full")  # 15 checkpoints with an LR log
+    _series(tmp_path / "short", n_checkpoints=4)
+    (tmp_path / "nolog").mkdir()
+    _series(tmp_path / "nolog")
+    (tmp_path / "nolog" / "log.csv").unlink()
+    got = {}
+    for name in ("full", "short", "nolog"):
+        _, plan = check_and_plan(tmp_path / name)
+        (row,) = plan["forecast"]
+        got[name] = row
+    assert got["full"]["possible"] == got["full"]["cells"] == 15 * 3
+    assert got["short"]["possible"] == 0
+    assert got["short"]["refused"] == {R_TEXT[1]: 4 * 3}
+    assert got["nolog"]["possible"] == 0 and got["nolog"]["refused"] == {R_TEXT[3]: 15 * 3}
+    text = format_forecast([got["short"]])
+    assert "0 of 12 (2-D layer, step) cells" in text and "too few checkpoints" in text

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.core.reasons import TemperatureReason
+from pipeline.core.windows import checkpoint_windows
 
 _CHUNK = 1 << 16  # elements reduced in fp32 before the fp64 accumulation
 
@@ -167,31 +168,6 @@ def _window_design(rel_steps: tuple, fit_lags: int):
     slope_w = centred / np.dot(centred, centred)  # weights of the least-squares slope
     slope_noise = float(slope_w @ np.minimum.outer(s, s) @ slope_w)
     return proj, brown, lag_ops, np.array(taus), den, white, cov, slope_w, slope_noise
-
-
-def checkpoint_windows(n: int, window: int, min_window: int | None = None):
-    """(start, end) checkpoint indices of the window that estimates each checkpoint's value.
-
-    ``min_window`` None: the trailing window ``[t - window, t]`` (start = -1 before the series
-    has ``window`` intervals). Otherwise centred windows that shrink near the ends:
-    ``[t - min(h, t), t + min(window - h, n - 1 - t)]`` with h = window // 2, widened on the
-    open side to ``min_window`` intervals where an end cuts it shorter; start = -1 when the
-    series has fewer than ``min_window + 1`` checkpoints. Near the ends the window has fewer
-    intervals and lags, so its error is larger (honestly: the GLS error counts the pairs).
-    Width never exceeds ``window`` intervals, so every pair is within the measured band.
-    """
-    t = np.arange(n)
-    if min_window is None:
-        start = np.where(t >= window, t - window, -1)
-        return start, t.copy()
-    half = window // 2
-    start = t - np.minimum(half, t)
-    end = t + np.minimum(window - half, n - 1 - t)
-    short = np.maximum(min_window - (end - start), 0)
-    end = np.minimum(end + short, n - 1)
-    start = np.maximum(start - np.maximum(min_window - (end - start), 0), 0)
-    few = (end - start) < min_window
-    return np.where(few, -1, start), np.where(few, -1, end)
 
 
 def _window_d2(d2: np.ndarray, start: int, end: int) -> np.ndarray:

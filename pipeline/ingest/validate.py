@@ -8,12 +8,18 @@ and an estimated time, at a rate measured on the series itself when it is remote
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 from pipeline.core.errors import InputError
+from pipeline.core.manifest import ADAM_KINDS
+from pipeline.core.reasons import TEMPERATURE_REASONS
+from pipeline.core.reasons import TemperatureReason as R
+from pipeline.core.windows import checkpoint_windows
 from pipeline.ingest import remote, selection
 from pipeline.ingest.discovery import Problem, Scan, scan
+from pipeline.settings import ThermoSettings
 
 #: local read rate of the default measurement on the 2-core test machine (README), bytes/s
 LOCAL_RATE = (0.47e9, 0.76e9)
@@ -61,9 +67,14 @@ def check(path) -> list[dict]:
 
 
 def check_and_plan(path, steps=None, layers=None) -> tuple[list[dict], dict | None]:
-    """``check``'s rows and the pre-flight ``plan`` of what is usable (None when nothing is)."""
+    """``check``'s rows and the pre-flight ``plan`` of what is usable (None when nothing is),
+    with the identifiability ``forecast`` of the selected runs in ``plan["forecast"]``."""
     s = scan(path)
-    return rows_of(s), plan(s, steps, layers) if s.runs else None
+    if not s.runs:
+        return rows_of(s), None
+    out = plan(s, steps, layers)
+    out["forecast"] = forecast([selection.select_run(r, steps, layers) for r in s.runs])
+    return rows_of(s), out
 
 
 def _probe(s: Scan, runs) -> tuple[float, str]:
@@ -97,6 +108,69 @@ def plan(s: Scan, steps=None, layers=None) -> dict:
         out["rate"], out["rate_from"] = LOCAL_RATE, "the README's local range (2 cores)"
     out["seconds"] = (out["bytes"] / out["rate"][1], out["bytes"] / out["rate"][0])
     return out
+
+
+def _optimizer_refusal(run) -> str:
+    """Why the optimizer relation will refuse a loss-unit T before measuring ('' if it will
+    not): an adaptive optimizer without its state, or an optimizer that cannot be told."""
+    kind = run.optimizer.get("kind", "unknown")
+    evidence = run.optimizer.get("evidence", "none")
+    if evidence == "none":
+        return ""  # no optimizer files: plain SGD assumed
+    if kind in ADAM_KINDS and evidence != "state":
+        return f"{kind} without its saved state"
+    return "optimizer unknown" if kind == "unknown" else ""
+
+
+def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> list[dict]:
+    """Per run, before measuring: how many (2-D layer, step) cells can get a temperature and
+    why the others cannot (``TemperatureReason`` codes decidable from the manifest: too few
+    checkpoints for a window, no LR log, the optimizer relation). Cells can still be refused
+    after measuring (spacing, rounding, no diffusion signal)."""
+    thermo = thermo or ThermoSettings()
+    window = min(thermo.temperature_window, max_lag)
+    out = []
+    for run in runs:
+        n_layers = sum(len(t.shape) >= 2 for t in run.tensors)
+        starts, _ = checkpoint_windows(
+            len(run.steps), window, min(thermo.temperature_min_window, window)
+        )
+        has_window = int((starts >= 0).sum()) * n_layers
+        counts = {R.TOO_FEW_CHECKPOINTS: len(run.steps) * n_layers - has_window}
+        lrs = [x for x in run.log.learning_rate if x is not None and math.isfinite(x) and x > 0]
+        refusal = _optimizer_refusal(run)
+        blocked = R.OPTIMIZER_STATE_MISSING if refusal else None if lrs else R.NO_LR_LOG
+        if blocked is not None:
+            counts[blocked] = has_window
+        possible = has_window - (has_window if blocked is not None else 0)
+        out.append(
+            {
+                "run": run.name,
+                "cells": len(run.steps) * n_layers,
+                "possible": possible,
+                "refused": {TEMPERATURE_REASONS[int(k)]: v for k, v in counts.items() if v},
+                "optimizer": refusal,
+            }
+        )
+    return out
+
+
+def format_forecast(rows: list[dict]) -> str:
+    """One line per run: the cells that can get a temperature, and why the others cannot."""
+    lines = []
+    for r in rows:
+        why = "; ".join(f"{text} ({n} cells)" for text, n in r["refused"].items())
+        share = r["possible"] / max(r["cells"], 1)
+        lines.append(
+            f"identifiable at most: run '{r['run']}' {r['possible']} of {r['cells']} (2-D layer, "
+            f"step) cells ({share:.0%})" + (f"; refused before measuring: {why}" if why else "")
+        )
+    if lines:
+        lines.append(
+            "after measuring, cells can still be refused: spacing longer than a layer's "
+            "relaxation time, rounding-limited, no resolvable diffusion (the report says which)"
+        )
+    return "\n".join(lines)
 
 
 def format_plan(p: dict) -> str:
