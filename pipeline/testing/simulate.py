@@ -49,11 +49,16 @@ class LayerSpec:
     curvature_decades: float = 2.0
     drift_gradient: float = 0.0
     weight_scale: float = 0.05
+    # "isotropic": noise std noise_std in every direction (the estimator's own assumption);
+    # "hessian": variance noise_std^2 h_i / mean(h) along curvature h_i (SGD's noise covariance
+    # is ~ proportional to the Hessian near a minimum), same mean variance, none on the flat one
+    noise: str = "isotropic"
 
 
 @dataclass
 class SimulationTruth:
-    """What was written and the true answer. ``temperature[l, p]`` (loss units) and
+    """What was written and the true answer. ``temperature[l, p]`` (loss units: lr sigma^2 / 2
+    for isotropic noise, the exact stationary 2 <L - L*> / n for Hessian-shaped noise) and
     ``diffusivity[l, p]`` (weight^2/param/step) per layer and LR plateau (NaN when unknown);
     ``plateaus[p] = (first_step, last_step, lr)`` over the updates (first_step-1 -> first_step
     is the first update at that LR)."""
@@ -101,6 +106,23 @@ def _advance(y, h, grad, sigma, lr, k, rng):
     geo2 = np.where(flat, k, (1.0 - ak * ak) / np.where(flat, 1.0, 1.0 - a * a))
     noise = lr * sigma * np.sqrt(geo2) * rng.standard_normal(y.shape)
     return ak * y - lr * grad * geo + noise
+
+
+def _noise_std(spec: LayerSpec, h: np.ndarray) -> np.ndarray:
+    """Per-direction gradient-noise std (gradient units) of a layer (``LayerSpec.noise``)."""
+    if spec.noise == "isotropic":
+        return np.full(h.shape, spec.noise_std)
+    if spec.noise == "hessian":
+        return spec.noise_std * np.sqrt(h / h.mean())
+    raise ValueError(f"noise must be 'isotropic' or 'hessian', not {spec.noise!r}")
+
+
+def _equipartition_temperature(h: np.ndarray, sigma: np.ndarray, lr: float) -> float:
+    """2 <L - L*> / n at stationarity (loss units): the exact discrete-time SGD variance
+    lr sigma_i^2 / (h_i (2 - lr h_i)) of each valley direction carries h_i var_i / 2 of loss,
+    so 2 <L - L*> / n = mean_i lr sigma_i^2 / (2 - lr h_i) over the n directions (the flat,
+    noiseless one contributes 0)."""
+    return float(np.mean(np.where(h > 0, lr * sigma**2 / (2 - lr * h), 0.0)))
 
 
 def _write_checkpoint(path, tensors: dict, dtype: str) -> None:
@@ -168,13 +190,14 @@ def simulate_quadratic_series(
         with threadpool_limits(1):  # small QR: BLAS threads only add contention
             q, r = np.linalg.qr(rng.standard_normal((n, n)))
         q = q * np.sign(np.diag(r))
+        sigma = _noise_std(spec, h)
         grad = np.zeros(n)
         grad[0] = spec.drift_gradient
         lr0 = lr[1]
-        var0 = np.where(h > 0, lr0 * spec.noise_std**2 / np.where(h > 0, h * (2 - lr0 * h), 1), 0)
+        var0 = np.where(h > 0, lr0 * sigma**2 / np.where(h > 0, h * (2 - lr0 * h), 1), 0)
         y = np.sqrt(var0) * rng.standard_normal(n)
         centre = spec.weight_scale * rng.standard_normal(n)
-        state.append(dict(spec=spec, h=h, q=q, grad=grad, y=y, centre=centre))
+        state.append(dict(spec=spec, h=h, q=q, grad=grad, y=y, centre=centre, sigma=sigma))
     names = [f"layers.{i}.weight" for i in range(len(layers))]
 
     def checkpoints():
@@ -192,6 +215,9 @@ def simulate_quadratic_series(
     files, losses, log_path = _write_series(out_dir, steps, checkpoints(), dtype, ckpt_lr)
     plateaus = _plateaus(lr)
     sig2 = np.array([s.noise_std**2 for s in layers])[:, None]
+    equip = np.array(
+        [[_equipartition_temperature(st["h"], st["sigma"], p[2]) for p in plateaus] for st in state]
+    )
     plr = np.array([p[2] for p in plateaus])[None, :]
     return SimulationTruth(
         out_dir=out_dir,
@@ -201,7 +227,9 @@ def simulate_quadratic_series(
         learning_rate=ckpt_lr,
         loss=losses,
         plateaus=plateaus,
-        temperature=plr * sig2 / 2.0,
+        temperature=np.where(
+            np.array([s.noise == "hessian" for s in layers])[:, None], equip, plr * sig2 / 2.0
+        ),
         diffusivity=plr**2 * sig2,
         curvatures=[st["h"] for st in state],
         log_path=log_path,
@@ -231,7 +259,7 @@ def _run_segments(state, lr, current: int, target: int, rng) -> int:
             end += 1
         for st in state:
             st["y"] = _advance(
-                st["y"], st["h"], st["grad"], st["spec"].noise_std, seg_lr, end - current, rng
+                st["y"], st["h"], st["grad"], st["sigma"], seg_lr, end - current, rng
             )
         current = end
     return current
