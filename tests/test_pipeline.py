@@ -198,8 +198,16 @@ def test_worker_processes_fork_from_the_preloaded_server(monkeypatch):
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536" and "OMP_NUM_THREADS" not in os.environ
 
 
+def _proc(pid: int, name: str) -> bytes:
+    """/proc/PID/NAME once the freshly spawned process has exec'd (empty until then)."""
+    deadline = time.monotonic() + 30
+    while not (data := Path(f"/proc/{pid}/{name}").read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return data
+
+
 def _server_environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    raw = _proc(pid, "environ").split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
@@ -216,11 +224,12 @@ def test_forkserver_started_elsewhere_first_is_replaced_by_ours():
     server.set_forkserver_preload([])
     server.ensure_running()  # as a pool or DataLoader would, before thermoscope
     foreign = server._forkserver_pid
-    assert b"torch" not in Path(f"/proc/{foreign}/cmdline").read_bytes()
+    assert b"multiprocessing.forkserver" in _proc(foreign, "cmdline")
+    assert b"torch" not in _proc(foreign, "cmdline")
     forkserver.start()
     ours = server._forkserver_pid
     assert ours != foreign and not Path(f"/proc/{foreign}").exists()
-    assert b"torch" in Path(f"/proc/{ours}/cmdline").read_bytes()
+    assert b"torch" in _proc(ours, "cmdline")
     environ = _server_environ(ours)
     assert {k: environ.get(k) for k in forkserver.WORKER_ENV} == forkserver.WORKER_ENV
     forkserver.start()
