@@ -103,6 +103,13 @@ class ThermoSettings:
     # logged grad_norm above it marks clipped steps
     max_grad_norm: float | None = 1.0
 
+    def __post_init__(self):
+        known = ("auto", "sgd", "sgd_momentum", "nesterov", "adam", "adamw")
+        if self.optimizer not in known:
+            raise InputError(
+                "params.yaml", f"thermo.optimizer must be one of {known}, got {self.optimizer!r}"
+            )
+
 
 @dataclass(frozen=True)
 class ClusterSettings:

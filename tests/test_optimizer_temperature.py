@@ -186,3 +186,11 @@ def test_sweep_fits_within_optimizer_groups(tmp_path):
     page = html.unescape(render_report(store, tmp_path / "report").read_text())
     assert "adamw (state) → preconditioned_adam" in page and "sgd (state) → einstein_sgd" in page
     assert "within each optimizer group" in page and "Only the adamw runs" in page
+
+
+def test_unknown_optimizer_setting_is_one_line():
+    from pipeline.core.errors import InputError
+    from pipeline.settings import thermo_settings
+
+    with pytest.raises(InputError, match="thermo.optimizer must be one of"):
+        thermo_settings({"optimizer": "lamb"})
