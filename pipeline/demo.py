@@ -277,10 +277,11 @@ def train_digits_run(
     dtype: str = "F32",
     label_noise: float = 0.0,
     optimizer: str = "sgd",
+    betas: tuple = (0.9, 0.999),
 ) -> Path:
     """Train ``DigitsMLP`` with plain minibatch SGD (no momentum, no weight decay; or with
-    ``optimizer="adamw"``: ``torch.optim.AdamW``, weight decay 0.01 on the weight matrices as the
-    HF Trainer groups them) on the standardized digits training split and save a
+    ``optimizer="adamw"``: ``torch.optim.AdamW`` with ``betas``, weight decay 0.01 on the
+    matrices as the HF Trainer groups them) on the standardized digits training split and save a
     Trainer-layout series (``model.safetensors``, ``optimizer.pt``, ``trainer_state.json``) under
     ``out_dir``. The saved optimizer state holds the next update's learning rate, as after the
     Trainer's scheduler step.
@@ -304,7 +305,7 @@ def train_digits_run(
     with _deterministic(seed):
         model = DigitsMLP(hidden, activations)
         batches = _batches(len(data.y_train), batch_size, torch.Generator().manual_seed(seed))
-        opt = _optimizer(model, optimizer, _lr(lr_schedule, 0, out_dir))
+        opt = _optimizer(model, optimizer, _lr(lr_schedule, 0, out_dir), betas)
         history = [_log_entry(model, data, 0, _lr(lr_schedule, 0, out_dir), batch_size)]
         save = (torch_dtype(dtype), history, n_steps, checkpoint_every)
         _save_checkpoint(out_dir, model, opt, 0, *save)
@@ -327,7 +328,7 @@ def _lr(schedule, step: int, where: Path) -> float:
     return lr
 
 
-def _optimizer(model: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, kind: str, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
     """Plain SGD (``p -= lr * grad``), or AdamW with the Trainer's groups (decay: matrices)."""
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
@@ -338,7 +339,7 @@ def _optimizer(model: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
 def _train_step(model, opt: torch.optim.Optimizer, data: DigitsData, idx, lr: float) -> None:
@@ -382,11 +383,11 @@ class DemoSettings:
     dtype: str = "F32"
     schedule_peak: float = 0.1
     sweep_lrs: tuple = (0.01, 0.03, 0.1, 0.3)
-    # one AdamW run beside the SGD ones: its temperature comes from the optimizer state. It
-    # saves every 50 steps: Adam's momentum (beta1 0.9) shortens the displacement by 9.5
-    # steps, which a 10-step spacing cannot resolve (METHODS.md 3b)
-    adamw_lr: float = 0.003
-    adamw_every: int = 50
+    # one AdamW run beside the SGD ones: its temperature comes from the optimizer state.
+    # beta1 0.5: Adam's momentum then shortens the displacement by 1.3 steps, which the 10-step
+    # spacing resolves (beta1 0.9 shortens it by 9.5 steps and needs >= 38; METHODS.md 3b)
+    adamw_lr: float = 0.001
+    adamw_betas: tuple = (0.5, 0.999)
     # 20% wrong training labels keep the loss (and the gradient noise) away from zero, so
     # constant-LR runs stay at a temperature that grows with LR (see METHODS.md).
     label_noise: float = 0.2
@@ -403,13 +404,6 @@ class DemoSettings:
     def optimizer(run: str) -> str:
         """The optimizer of a demo run (by its name)."""
         return "adamw" if run.startswith("adamw") else "sgd"
-
-    def length(self, run: str) -> tuple[int, int]:
-        """(steps, checkpoint spacing) of a demo run: the AdamW run is 4x longer, saved every
-        ``adamw_every`` steps."""
-        if self.optimizer(run) == "adamw":
-            return 4 * self.n_steps, self.adamw_every
-        return self.n_steps, self.checkpoint_every
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -429,7 +423,7 @@ def _is_complete(root: Path, settings: DemoSettings) -> bool:
     if marker != settings.to_json():
         return False
     return all(
-        (root / run / f"checkpoint-{settings.length(run)[0]}" / "trainer_state.json").is_file()
+        (root / run / f"checkpoint-{settings.n_steps}" / "trainer_state.json").is_file()
         for run in settings.runs()
     )
 
@@ -456,7 +450,8 @@ def make_demo(root, quick: bool = False) -> Path:
             train_digits_run(
                 tmp / name,
                 schedule,
-                *settings.length(name),
+                settings.n_steps,
+                settings.checkpoint_every,
                 settings.batch_size,
                 settings.seed,
                 settings.hidden,
@@ -464,6 +459,7 @@ def make_demo(root, quick: bool = False) -> Path:
                 settings.dtype,
                 settings.label_noise,
                 settings.optimizer(name),
+                settings.adamw_betas,
             )
         _write_json(tmp / MARKER, settings.to_json())
         replace_dir(tmp, root)

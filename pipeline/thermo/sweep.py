@@ -67,10 +67,13 @@ def optimizer_group(ds: xr.Dataset) -> str:
 
 
 def _main_group(groups: list[str], ok: np.ndarray) -> str:
-    """The optimizer group with the most accepted plateaus (ties: the first by name)."""
+    """The optimizer group with the most accepted plateaus (ties: the most runs, then the
+    first by name)."""
     names = sorted(set(groups))
-    counts = {g: int(np.sum(ok[[x == g for x in groups]])) for g in names}
-    return max(names, key=lambda g: (counts[g], -names.index(g)))
+    member = {g: np.array([x == g for x in groups]) for g in names}
+    return max(
+        names, key=lambda g: (int(ok[member[g]].sum()), int(member[g].sum()), -names.index(g))
+    )
 
 
 def _plateau(ds: xr.Dataset, rel_tol: float) -> dict:
