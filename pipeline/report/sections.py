@@ -286,7 +286,7 @@ def reason_table(run: str, ds: xr.Dataset) -> str:
     if not rows:
         return head
     return head + table_html(
-        ["layer", "cells with T", "grey cells: reason (steps)"], rows, "sortable"
+        ["layer", "cells with T", "grey cells: reason (steps)"], rows, "reasons"
     )
 
 
