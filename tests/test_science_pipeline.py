@@ -174,6 +174,8 @@ def test_demo_temperature_grows_with_learning_rate(demo_tree):
     with the reason stored; an accepted k fit would carry the proportionality verdict."""
     sweep = demo_tree["sweep"].to_dataset()
     const = sweep.constant_lr.values.astype(bool)
+    if "run_optimizer" in sweep:  # the SGD runs (the AdamW run is another optimizer's T)
+        const &= sweep.run_optimizer.values == sweep.fit_group.values
     lr, temp = sweep.run_learning_rate.values[const], sweep.run_temperature.values[const]
     order = np.argsort(lr)
     k, k_err = float(sweep.fit_k), float(sweep.fit_k_err)
