@@ -145,8 +145,13 @@ def format_optimizer(r: dict) -> str:
         f" + Adam state {r['state_bytes'] / 1e9:.2f} GB (best of {r['repeats']}, alternating)\n"
         f"  analyze with state {w['with state']:.2f} s, without {w['without']:.2f} s: "
         f"{r['ratio']:.2f}x; net of the start-up ({r['startup_s']:.2f} s): "
-        f"{per['with state']:.2f} vs {per['without']:.2f} s per model GB = {r['net_ratio']:.2f}x"
-        f" ({r['precond_values']} preconditioned band values measured)\n"
+        + (
+            f"{per['with state']:.2f} vs {per['without']:.2f} s per model GB = "
+            f"{r['net_ratio']:.2f}x"
+            if min(per.values()) > 0
+            else "not separable (the tiny run took longer than a full one)"
+        )
+        + f" ({r['precond_values']} preconditioned band values measured)\n"
         f"  measure kernel alone (one thread, no Dask): with state "
         f"{r['kernel_s']['with state']:.2f} s, without {r['kernel_s']['without']:.2f} s: "
         f"{r['kernel_ratio']:.2f}x per model byte"
