@@ -226,15 +226,18 @@ def test_free_energy_temperature_is_log_mean(tmp_path, cluster):
     got = sweep.free_energy_temperature.values
     rel = got / expected - 1
     print(
-        f"\n[free energy] T_F {got} log-mean {expected:.4g} rel. error {rel}; plateau {sweep.plateau_reason.values} loss trend {sweep.loss_trend.values} T trend {sweep.temperature_trend.values} fe reason {sweep.free_energy_temperature_reason.values}"
+        f"\n[free energy] T_F {got} log-mean {expected:.4g} rel. error {rel}; "
+        f"plateau {sweep.plateau_reason.values} loss trend {sweep.loss_trend.values} "
+        f"T trend {sweep.temperature_trend.values} "
+        f"fe reason {sweep.free_energy_temperature_reason.values}"
     )
     assert np.all(np.abs(rel) < 0.03), rel
 
 
 def test_over_vs_under_parameterized_temperature(tmp_path, cluster):
-    """Seed 002 toy: interpolating least squares (256 features, 64 samples) -> T ~ 0 (< 5% of
-    the under-parameterized T at the same LR); under-parameterized (1024 samples) T > 0, growing
-    with LR (x4 LR -> T more than doubles)."""
+    """Sadrtdinov et al. 2025 toy: interpolating least squares (256 features, 64 samples) ->
+    T ~ 0 (< 5% of the under-parameterized T at the same LR); under-parameterized (1024 samples)
+    T > 0, growing with LR (x4 LR -> T more than doubles)."""
     runs = {"under_0.05": (1024, 0.05), "under_0.2": (1024, 0.2), "over_0.05": (64, 0.05)}
     for name, (n, lr) in runs.items():
         simulate_linear_regression_sgd(

@@ -195,7 +195,8 @@ def _toy_temperature(tmp_path, n_samples, lr, seed=0):
 
 
 def test_overparameterized_temperature_falls_to_zero(tmp_path):
-    """Seed 002: interpolating model -> T ~ 0 at low LR; under-parameterized T > 0, growing."""
+    """Sadrtdinov et al. 2025: interpolating model -> T ~ 0 at low LR; under-parameterized
+    T > 0, growing."""
     lrs = (0.05, 0.2)
     under = [_toy_temperature(tmp_path / f"u{lr}", 1024, lr) for lr in lrs]
     over_low = _toy_temperature(tmp_path / "o", 64, lrs[0])
