@@ -375,8 +375,42 @@ def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
     assert images(found["temperature-map"])
     assert (
         "noise diffusivity D" in found["temperature-map"]
-        and "No learning-rate log" in found["temperature-map"]
+        and "needs a learning-rate log" in found["temperature-map"]
     )
+
+
+def test_refused_run_says_its_refusal_not_a_missing_log(tmp_path):
+    """A run whose optimizer relation was refused (here: momentum offset vs spacing) has an LR
+    log: the map's caption and every code-4 grey cell give the run's own refusal sentence
+    (a reason sentence holding '; ' is decoded whole, never cut mid-parenthesis)."""
+    path = build_store(
+        tmp_path / "s.zarr",
+        n_runs=1,
+        n_layers=4,
+        n_steps=6,
+        all_nan=("temperature", "global_temperature", "temperature_spread"),
+    )
+    tree = xr.open_datatree(path, engine="zarr").load()
+    name = list(tree.children)[0]
+    run = tree[name].to_dataset()
+    refusal = "checkpoints 10 steps apart: momentum shortens the displacement by 9.5 steps"
+    codes = run["temperature_reason"]
+    attrs = dict(codes.attrs, reasons="0: identified; 4: relation refused (a; b); 7: no signal")
+    run = run.assign(
+        diffusivity=xr.full_like(run["weight_rms"], 1e-6).assign_attrs(units="weight^2"),
+        temperature_reason=codes.copy(data=np.full(codes.shape, 4, np.int8)).assign_attrs(attrs),
+        temperature_refusal=((), refusal),
+    )
+    tree[name].dataset = run
+    tree.to_zarr(tmp_path / "d.zarr", mode="w")
+    part = sections(render_report(tmp_path / "d.zarr", tmp_path / "out").read_text())[
+        "temperature-map"
+    ]
+    assert f"No temperature for this run ({refusal})" in part
+    assert "learning-rate log" not in part
+    n_layers = run.sizes["layer"]
+    assert part.count(f"optimizer relation refused: {refusal} (6 steps") == n_layers
+    assert "relation refused (a" not in part
 
 
 def test_every_grey_cell_gives_its_reason(store, report):

@@ -30,7 +30,7 @@ TEMPERATURE_REASONS: dict[int, str] = {
     1: "too few checkpoints for a window (needs min_window + 1)",
     2: "checkpoint spacing longer than the layer's relaxation time (MSD saturates between lags)",
     3: "no step size (no learning-rate log): only the diffusivity D is reported",
-    4: "optimizer relation refused (e.g. Adam without its saved state; see temperature_refusal)",
+    4: "optimizer relation refused (the run's temperature_refusal says why)",
     5: "rounding-limited: the layer moves less than half an ulp of its storage dtype per interval",
     6: "non-finite values or missing distances in the window",
     7: "no resolvable diffusion (D <= 0 or error larger than the value)",

@@ -8,10 +8,12 @@ note saying what is missing, so the page always has the same headings.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import xarray as xr
 
+from pipeline.core.reasons import TemperatureReason
 from pipeline.report import figures
 from pipeline.report.data import (
     equilibrium_steps,
@@ -116,8 +118,9 @@ def _estimator_text(ds: xr.Dataset) -> str:
 
 
 def reason_texts(codes: xr.DataArray) -> dict[str, str]:
-    """{code: sentence} of a reason-code variable, from its ``reasons`` attr."""
-    items = codes.attrs.get("reasons", "").split("; ")
+    """{code: sentence} of a reason-code variable, from its ``reasons`` attr
+    ("0: text; 1: text"; a sentence may itself hold "; ", so split only before a code)."""
+    items = re.split(r"; (?=\d+: )", codes.attrs.get("reasons", ""))
     return dict(item.split(": ", 1) for item in items if ": " in item)
 
 
@@ -211,8 +214,7 @@ MAP_CAPTIONS = {
         "rows mean equipartition."
     ),
     "diffusivity": (
-        "No learning-rate log for this run, so no temperature (T = D / (2 lr) needs the LR): "
-        "colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
+        "Colour is the noise diffusivity D per parameter per step on a log scale, rows layers "
         "from input (top) to output, columns checkpoints (grey: masked in the store)."
     ),
     "weight_entropy": (
@@ -246,13 +248,23 @@ def map_section(runs: dict[str, xr.Dataset], var: str, title: str, log: bool) ->
         parts.append(
             figure_html(
                 fig,
-                MAP_CAPTIONS[shown],
+                _no_temperature_text(ds) + MAP_CAPTIONS[shown]
+                if shown != var
+                else MAP_CAPTIONS[shown],
                 f"{run}: '{shown}' has no finite{' positive' if log else ''} value; map skipped.",
             )
         )
         if var == "temperature":
             parts.append(reason_table(run, ds))
     return Section(f"{var}-map", title, "".join(parts) or note("No runs."))
+
+
+def _no_temperature_text(ds: xr.Dataset) -> str:
+    """Why a run's temperature map shows D instead: the run's own refusal, else no LR log."""
+    refusal = str(ds["temperature_refusal"].values) if "temperature_refusal" in ds else ""
+    if refusal:
+        return f"No temperature for this run ({refusal}). "
+    return "No temperature for this run (T = D / (2 lr) needs a learning-rate log). "
 
 
 def reason_table(run: str, ds: xr.Dataset) -> str:
@@ -263,6 +275,11 @@ def reason_table(run: str, ds: xr.Dataset) -> str:
         return note(f"{run}: the store has no temperature_reason; grey cells unexplained.")
     reason = ds["temperature_reason"].values
     texts = reason_texts(ds["temperature_reason"])
+    refusal = str(ds["temperature_refusal"].values) if "temperature_refusal" in ds else ""
+    if refusal:  # the code-4 cells: say the run's own refusal, not the generic sentence
+        texts[str(int(TemperatureReason.OPTIMIZER_STATE_MISSING))] = (
+            f"optimizer relation refused: {refusal}"
+        )
     steps = ds["step"].values
     rows = []
     for j, layer in enumerate(ds["layer"].values):
