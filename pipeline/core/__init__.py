@@ -1,0 +1,1 @@
+"""Shared foundations: errors, atomic writes, the manifest, refusal reasons, progress."""
