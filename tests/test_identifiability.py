@@ -171,3 +171,24 @@ def test_check_forecasts_identifiable_cells_before_measuring(tmp_path):
     assert got["nolog"]["possible"] == 0 and got["nolog"]["refused"] == {R_TEXT[3]: 15 * 3}
     text = format_forecast([got["short"]])
     assert "0 of 12 (2-D layer, step) cells" in text and "too few checkpoints" in text
+
+
+def test_check_forecasts_the_momentum_spacing_refusal(tmp_path):
+    """AdamW (beta1 0.9, a 9.5-step momentum offset) saved every 10 steps: the thermo relation
+    refuses the run's T, and ``check`` says so from the optimizer state before measuring (it
+    said 100% identifiable on such a Trainer run); every 40 steps passes the same rule."""
+    from pipeline.ingest.validate import check_and_plan, format_forecast
+    from pipeline.testing.optim_series import QuadraticLayer, simulate_optimizer_series
+
+    layers = [QuadraticLayer("a.weight", (8, 16), 1.0), QuadraticLayer("b.weight", (16, 8), 2.0)]
+    rows = {}
+    for every in (10, 40):
+        out = tmp_path / f"every{every}"
+        simulate_optimizer_series(out, layers, plateaus=((640, 1e-3),), save_every=every)
+        _, plan = check_and_plan(out)
+        (rows[every],) = plan["forecast"]
+    close = rows[10]
+    assert close["possible"] == 0 and close["cells"] == 64 * 2
+    assert "save at least every 38 steps" in close["optimizer"]
+    assert "momentum shortens the displacement by 9.5 steps" in format_forecast([close])
+    assert rows[40]["optimizer"] == "" and rows[40]["possible"] > 0

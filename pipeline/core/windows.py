@@ -29,3 +29,22 @@ def checkpoint_windows(n: int, window: int, min_window: int | None = None):
     start = np.maximum(start - np.maximum(min_window - (end - start), 0), 0)
     few = (end - start) < min_window
     return np.where(few, -1, start), np.where(few, -1, end)
+
+
+# the momentum offset may take at most this share of the smallest checkpoint spacing: beyond,
+# the first lags carry too little diffusion for the offset correction to be stable
+MAX_OFFSET_SHARE = 0.25
+
+
+def spacing_refusal(steps, offset: float) -> str:
+    """Why checkpoints at ``steps`` are too close for a momentum offset of ``offset`` steps
+    ('' when they are not). Shared by the thermo relation and ``thermoscope check``'s forecast
+    (METHODS.md 3b)."""
+    gaps = np.diff(np.asarray(steps, dtype=np.int64))
+    if gaps.size and offset > MAX_OFFSET_SHARE * gaps.min():
+        return (
+            f"checkpoints {int(gaps.min())} steps apart: momentum shortens the displacement by "
+            f"{offset:.1f} steps, too much of the first lag (save at least every "
+            f"{int(np.ceil(offset / MAX_OFFSET_SHARE))} steps)"
+        )
+    return ""

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 
 from pipeline.core.errors import InputError
-from pipeline.core.manifest import ADAM_KINDS
+from pipeline.core.manifest import ADAM_KINDS, SGD_KINDS
 from pipeline.core.reasons import TEMPERATURE_REASONS
 from pipeline.core.reasons import TemperatureReason as R
-from pipeline.core.windows import checkpoint_windows
+from pipeline.core.windows import checkpoint_windows, spacing_refusal
+from pipeline.estimators.preconditioned import momentum_offset_steps
 from pipeline.ingest import remote, selection
 from pipeline.ingest.discovery import Problem, Scan, scan
 from pipeline.settings import ThermoSettings
@@ -112,14 +114,31 @@ def plan(s: Scan, steps=None, layers=None) -> dict:
 
 def _optimizer_refusal(run) -> str:
     """Why the optimizer relation will refuse a loss-unit T before measuring ('' if it will
-    not): an adaptive optimizer without its state, or an optimizer that cannot be told."""
+    not): an adaptive optimizer without its state, an optimizer that cannot be told, or
+    checkpoints too close for the state's momentum (the thermo relation's spacing rule)."""
     kind = run.optimizer.get("kind", "unknown")
     evidence = run.optimizer.get("evidence", "none")
     if evidence == "none":
         return ""  # no optimizer files: plain SGD assumed
     if kind in ADAM_KINDS and evidence != "state":
         return f"{kind} without its saved state"
-    return "optimizer unknown" if kind == "unknown" else ""
+    if kind == "unknown":
+        return "optimizer unknown"
+    if kind not in ADAM_KINDS + SGD_KINDS:
+        return ""
+    return spacing_refusal(run.steps, momentum_offset_steps(kind, _state_momentum(run, kind)))
+
+
+def _state_momentum(run, kind: str) -> float:
+    """The median momentum in the run's saved optimizer states (Adam: beta1; 0 when unread)."""
+    key = "beta1" if kind in ADAM_KINDS else "momentum"
+    values = [
+        g.get(key, math.nan)
+        for c in run.checkpoints
+        for g in ((c.optimizer or {}).get("groups") or [])[:1]
+    ]
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(statistics.median(values)) if values else 0.0
 
 
 def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> list[dict]:
@@ -148,11 +167,18 @@ def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> li
                 "run": run.name,
                 "cells": len(run.steps) * n_layers,
                 "possible": possible,
-                "refused": {TEMPERATURE_REASONS[int(k)]: v for k, v in counts.items() if v},
+                "refused": {_reason_text(k, refusal): v for k, v in counts.items() if v},
                 "optimizer": refusal,
             }
         )
     return out
+
+
+def _reason_text(code, refusal: str) -> str:
+    """A forecast reason: the optimizer refusal's own sentence for code 4, else the table's."""
+    if code == R.OPTIMIZER_STATE_MISSING and refusal:
+        return f"optimizer relation refused: {refusal}"
+    return TEMPERATURE_REASONS[int(code)]
 
 
 def format_forecast(rows: list[dict]) -> str:

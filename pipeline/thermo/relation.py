@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.core.manifest import ADAM_KINDS, SGD_KINDS
+from pipeline.core.windows import spacing_refusal
 from pipeline.estimators.preconditioned import (
     clip_fraction,
     effective_step,
@@ -25,9 +26,6 @@ from pipeline.estimators.preconditioned import (
 
 OPTIMIZERS = ("auto", *SGD_KINDS, *ADAM_KINDS)
 MAX_CLIP_FRACTION = 0.1  # SGD: clipped at more logged steps than this -> T refused
-# the momentum offset may take at most this share of the smallest checkpoint spacing: beyond,
-# the first lags carry too little diffusion for the offset correction to be stable
-MAX_OFFSET_SHARE = 0.25
 
 
 @dataclass
@@ -60,14 +58,7 @@ def _kind(ds: xr.Dataset, setting: str) -> tuple[str, str]:
 
 def _spacing_refusal(ds: xr.Dataset, offset: float) -> str:
     """Why the checkpoints are too close for the momentum offset ('' when they are not)."""
-    gaps = np.diff(ds.step.values)
-    if gaps.size and offset > MAX_OFFSET_SHARE * gaps.min():
-        return (
-            f"checkpoints {int(gaps.min())} steps apart: momentum shortens the displacement by "
-            f"{offset:.1f} steps, too much of the first lag (save at least every "
-            f"{int(np.ceil(offset / MAX_OFFSET_SHARE))} steps)"
-        )
-    return ""
+    return spacing_refusal(ds.step.values, offset)
 
 
 def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | None) -> Relation:
