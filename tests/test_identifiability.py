@@ -192,3 +192,29 @@ def test_check_forecasts_the_momentum_spacing_refusal(tmp_path):
     assert "save at least every 38 steps" in close["optimizer"]
     assert "momentum shortens the displacement by 9.5 steps" in format_forecast([close])
     assert rows[40]["optimizer"] == "" and rows[40]["possible"] > 0
+
+
+def test_check_forecasts_the_sgd_clipping_refusal(tmp_path):
+    """Plain SGD whose logged grad_norm (the Trainer's, before clipping) exceeds
+    thermo.max_grad_norm at most steps: the relation refuses T (the step is not lr), and
+    ``check`` forecasts it from trainer_state.json; below the threshold nothing is refused."""
+    import json
+
+    from pipeline.ingest.validate import check_and_plan
+    from pipeline.testing.optim_series import QuadraticLayer, simulate_optimizer_series
+
+    layers = [QuadraticLayer("a.weight", (8, 16), 1.0)]
+    rows = {}
+    for norm in (5.0, 0.5):
+        out = tmp_path / f"norm{norm}"
+        simulate_optimizer_series(out, layers, kind="sgd", plateaus=((640, 1e-2),))
+        for state in out.rglob("trainer_state.json"):
+            doc = json.loads(state.read_text())
+            for entry in doc["log_history"]:
+                entry["grad_norm"] = norm
+            state.write_text(json.dumps(doc))
+        _, plan = check_and_plan(out)
+        (rows[norm],) = plan["forecast"]
+    assert rows[5.0]["possible"] == 0
+    assert rows[5.0]["optimizer"].startswith("gradient clipped (grad_norm > 1.0) at 100%")
+    assert rows[0.5]["optimizer"] == "" and rows[0.5]["possible"] > 0

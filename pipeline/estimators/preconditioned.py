@@ -73,3 +73,17 @@ def clip_fraction(grad_norms, max_grad_norm: float | None) -> float:
     if not max_grad_norm or norms.size == 0:
         return float("nan")
     return float(np.mean(norms > max_grad_norm))
+
+
+MAX_CLIP_FRACTION = 0.1  # SGD: clipped at more logged steps than this -> T refused
+
+
+def clip_refusal(clipped: float, max_grad_norm: float | None) -> str:
+    """Why an SGD-family run's T is refused for gradient clipping ('' when it is not):
+    ``clipped`` (``clip_fraction``) above MAX_CLIP_FRACTION means the step is not lr there."""
+    if np.isfinite(clipped) and clipped > MAX_CLIP_FRACTION:
+        return (
+            f"gradient clipped (grad_norm > {max_grad_norm}) at {clipped:.0%} of the logged "
+            "steps: the SGD step size is not lr there"
+        )
+    return ""

@@ -18,7 +18,7 @@ from pipeline.core.manifest import ADAM_KINDS, SGD_KINDS
 from pipeline.core.reasons import TEMPERATURE_REASONS
 from pipeline.core.reasons import TemperatureReason as R
 from pipeline.core.windows import checkpoint_windows, spacing_refusal
-from pipeline.estimators.preconditioned import momentum_offset_steps
+from pipeline.estimators.preconditioned import clip_fraction, clip_refusal, momentum_offset_steps
 from pipeline.ingest import remote, selection
 from pipeline.ingest.discovery import Problem, Scan, scan
 from pipeline.settings import ThermoSettings
@@ -112,10 +112,11 @@ def plan(s: Scan, steps=None, layers=None) -> dict:
     return out
 
 
-def _optimizer_refusal(run) -> str:
+def _optimizer_refusal(run, max_grad_norm: float | None) -> str:
     """Why the optimizer relation will refuse a loss-unit T before measuring ('' if it will
     not): an adaptive optimizer without its state, an optimizer that cannot be told, or
-    checkpoints too close for the state's momentum (the thermo relation's spacing rule)."""
+    checkpoints too close for the state's momentum, or SGD clipped at too many logged steps
+    (the thermo relation's rules, from the same shared functions)."""
     kind = run.optimizer.get("kind", "unknown")
     evidence = run.optimizer.get("evidence", "none")
     if evidence == "none":
@@ -126,7 +127,12 @@ def _optimizer_refusal(run) -> str:
         return "optimizer unknown"
     if kind not in ADAM_KINDS + SGD_KINDS:
         return ""
-    return spacing_refusal(run.steps, momentum_offset_steps(kind, _state_momentum(run, kind)))
+    offset = momentum_offset_steps(kind, _state_momentum(run, kind))
+    refusal = spacing_refusal(run.steps, offset)
+    if kind in SGD_KINDS:  # the thermo relation: clipping outranks the spacing
+        clipped = clip_fraction(run.optimizer.get("grad_norm") or [], max_grad_norm)
+        refusal = clip_refusal(clipped, max_grad_norm) or refusal
+    return refusal
 
 
 def _state_momentum(run, kind: str) -> float:
@@ -157,7 +163,7 @@ def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> li
         has_window = int((starts >= 0).sum()) * n_layers
         counts = {R.TOO_FEW_CHECKPOINTS: len(run.steps) * n_layers - has_window}
         lrs = [x for x in run.log.learning_rate if x is not None and math.isfinite(x) and x > 0]
-        refusal = _optimizer_refusal(run)
+        refusal = _optimizer_refusal(run, thermo.max_grad_norm)
         blocked = R.OPTIMIZER_STATE_MISSING if refusal else None if lrs else R.NO_LR_LOG
         if blocked is not None:
             counts[blocked] = has_window

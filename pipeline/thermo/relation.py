@@ -20,12 +20,12 @@ from pipeline.core.manifest import ADAM_KINDS, SGD_KINDS
 from pipeline.core.windows import spacing_refusal
 from pipeline.estimators.preconditioned import (
     clip_fraction,
+    clip_refusal,
     effective_step,
     momentum_offset_steps,
 )
 
 OPTIMIZERS = ("auto", *SGD_KINDS, *ADAM_KINDS)
-MAX_CLIP_FRACTION = 0.1  # SGD: clipped at more logged steps than this -> T refused
 
 
 @dataclass
@@ -108,9 +108,5 @@ def temperature_relation(ds: xr.Dataset, setting: str, max_grad_norm: float | No
     rel.band, rel.noise = ds.sq_distance.values, noise
     rel.offset_steps = momentum_offset_steps(kind, mu)
     rel.refusal = _spacing_refusal(ds, rel.offset_steps)
-    if np.isfinite(clipped) and clipped > MAX_CLIP_FRACTION:
-        rel.refusal = (
-            f"gradient clipped (grad_norm > {max_grad_norm}) at {clipped:.0%} of the logged "
-            "steps: the SGD step size is not lr there"
-        )
+    rel.refusal = clip_refusal(clipped, max_grad_norm) or rel.refusal
     return rel
