@@ -174,6 +174,7 @@ def test_sweep_fits_within_optimizer_groups(tmp_path):
     assert list(ds.run_optimizer.values) == ["adamw", "adamw", "sgd", "sgd"]
     assert list(ds.run_estimator.values) == ["preconditioned_adam"] * 2 + ["einstein_sgd"] * 2
     np.testing.assert_allclose(ds.group_fit_k.values, [1.0, 1.0], atol=0.1)
+    assert list(ds.group_fit_k_reason.values) == [0, 0]
     # the headline fit is one group's (ties: the first by name), equal to that group's fit
     assert str(ds.fit_group.values) == "adamw"
     assert float(ds.fit_k) == float(ds.group_fit_k.sel(optimizer_group="adamw"))

@@ -430,3 +430,27 @@ def test_every_grey_cell_gives_its_reason(store, report):
                 assert re.search(rf"<td>{re.escape(str(layer))}</td>", part)
                 why = "relaxation time (MSD saturates between lags)"
                 assert f"{why} ({masked.size} steps" in part
+
+
+def test_sweep_fit_per_group_says_no_fit_and_why():
+    """A group whose power law is refused reads 'no fit (reason)', never 'T = – · lr^–'."""
+    from pipeline.report.sections import _sweep_fit_text
+    from pipeline.store.zarr_io import annotate
+
+    sweep = annotate(
+        xr.Dataset(
+            {
+                "fit_b": ((), 2.0),
+                "fit_k": ((), 1.0),
+                "fit_group": ((), "adamw"),
+                "group_fit_b": ("optimizer_group", [2.0, np.nan]),
+                "group_fit_k": ("optimizer_group", [1.0, np.nan]),
+                "group_fit_k_reason": ("optimizer_group", np.array([0, 2], dtype=np.int8)),
+            },
+            coords={"optimizer_group": ["adamw", "sgd"]},
+        )
+    )
+    text = _sweep_fit_text(sweep)
+    assert "adamw: T = 2 · lr^1" in text
+    assert "sgd: no fit (fewer than 2 stationary constant-LR plateaus)" in text
+    assert "–" not in text

@@ -87,6 +87,7 @@ REASON_TABLES: dict[str, dict[int, str]] = {
     "temperature_reason": TEMPERATURE_REASONS,
     "free_energy_temperature_reason": FIT_REASONS,
     "fit_k_reason": FIT_REASONS,
+    "group_fit_k_reason": FIT_REASONS,
     "heat_capacity_reason": FIT_REASONS,
     "plateau_reason": FIT_REASONS,
     "work_efficiency_reason": EFFICIENCY_REASONS,

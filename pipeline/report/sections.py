@@ -148,6 +148,18 @@ def _refusal_text(sweep: xr.Dataset) -> str:
     )
 
 
+def _group_fit(sweep: xr.Dataset, i: int) -> str:
+    """One optimizer group's power law, or 'no fit' with the stored reason (never dashes
+    standing in for numbers)."""
+    b, k = float(sweep["group_fit_b"].values[i]), float(sweep["group_fit_k"].values[i])
+    if np.isfinite(b) and np.isfinite(k):
+        return f"T = {fmt(b)} · lr^{fmt(k)}"
+    if "group_fit_k_reason" not in sweep:
+        return "no fit"
+    code = str(int(sweep["group_fit_k_reason"].values[i]))
+    return f"no fit ({esc(reason_texts(sweep['group_fit_k_reason']).get(code, 'code ' + code))})"
+
+
 def _sweep_fit_text(sweep: xr.Dataset) -> str:
     """The power law per optimizer group (never one across optimizers)."""
     if "group_fit_k" not in sweep:
@@ -155,10 +167,10 @@ def _sweep_fit_text(sweep: xr.Dataset) -> str:
             f" Sweep fit: T = {fmt(float(sweep['fit_b'].values))} · lr^"
             f"{fmt(float(sweep['fit_k'].values))}."
         )
-    groups = zip(
-        sweep["optimizer_group"].values, sweep["group_fit_b"].values, sweep["group_fit_k"].values
-    )
-    fits = [f"{esc(str(g))}: T = {fmt(float(b))} · lr^{fmt(float(k))}" for g, b, k in groups]
+    fits = [
+        f"{esc(str(g))}: {_group_fit(sweep, i)}"
+        for i, g in enumerate(sweep["optimizer_group"].values)
+    ]
     return (
         " Sweep fits, within each optimizer group (runs with different optimizers are never "
         f"fitted together): {'; '.join(fits)}. Free-energy temperature and heat capacity: the "

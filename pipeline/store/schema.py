@@ -369,6 +369,11 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "why the power-law fit is refused (0: accepted; table in attrs)",
         "thermo.sweep._power_law",
     ),
+    "group_fit_k_reason": (
+        "1",
+        "why the power-law fit within one optimizer group is refused (0: accepted; table in attrs)",
+        "thermo.sweep._power_law",
+    ),
     "lr_proportional": (
         "1",
         "T proportional to lr: 1 |k-1| <= tolerance, 0 rejected beyond 2 k_err, -1 undecided",

@@ -227,6 +227,10 @@ def sweep_dataset(runs: dict[str, xr.Dataset], rel_tol: float = 0.05) -> xr.Data
                 "optimizer_group",
                 np.array([f["fit_k_err"] for f in group_fits]),
             ),
+            "group_fit_k_reason": (
+                "optimizer_group",
+                np.array([f["fit_k_reason"] for f in group_fits], dtype=np.int8),
+            ),
         },
         coords={
             "run": names,
