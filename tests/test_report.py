@@ -454,3 +454,29 @@ def test_sweep_fit_per_group_says_no_fit_and_why():
     assert "adamw: T = 2 · lr^1" in text
     assert "sgd: no fit (fewer than 2 stationary constant-LR plateaus)" in text
     assert "–" not in text
+
+
+def test_free_energy_draws_only_the_fit_groups_states():
+    """The (S, U) plane holds the fit group's stationary states only: with the fit group's
+    points undefined, the other optimizer's points are not drawn in their place."""
+    from pipeline.report.sections import free_energy_section
+    from pipeline.store.zarr_io import annotate
+
+    def sweep(u_adamw):
+        return annotate(
+            xr.Dataset(
+                {
+                    "internal_energy": ("run", [u_adamw, u_adamw - 0.2, 2.7]),
+                    "run_ensemble_entropy": ("run", [-7.2e5, -6.2e5, -1.0e6]),
+                    "fit_group": ((), "adamw"),
+                },
+                coords={
+                    "run": ["adamw_a", "adamw_b", "sgd_a"],
+                    "run_optimizer": ("run", ["adamw", "adamw", "sgd"]),
+                },
+            )
+        )
+
+    drawn = free_energy_section({}, sweep(2.5)).body
+    assert images(drawn) and "Only the adamw runs (the fit group) are drawn" in drawn
+    assert not images(free_energy_section({}, sweep(np.nan)).body)

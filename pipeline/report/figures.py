@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import textwrap
 
 import matplotlib
 
@@ -378,12 +379,13 @@ def free_energy_points(u: xr.DataArray, s: xr.DataArray, labels: list[str]):
     if not ok.any():
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    ax.plot(sv[ok], uv[ok], color="0.6", lw=0.8, zorder=1)
+    order = np.argsort(sv[ok], kind="stable")  # chords between S-sorted neighbours (METHODS 5b)
+    ax.plot(sv[ok][order], uv[ok][order], color="0.6", lw=0.8, zorder=1)
     ax.scatter(sv[ok], uv[ok], s=40, color="#4c72b0", zorder=3)
     for name, xv, yv in zip(np.asarray(labels, dtype=object)[ok], sv[ok], uv[ok]):
         ax.annotate(str(name), (xv, yv), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(axis_label(s, "S"))
-    ax.set_ylabel(axis_label(u, "U"))
+    ax.set_xlabel(textwrap.fill(axis_label(s, "S"), 80))  # long names overran the figure
+    ax.set_ylabel(textwrap.fill(axis_label(u, "U"), 50))
     ax.set_title(
         f"Free energy F = U - T S: energy [{u.attrs.get('units', 'loss')}] vs entropy "
         f"[{s.attrs.get('units', 'nats')}]"

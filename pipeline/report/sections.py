@@ -432,6 +432,11 @@ def sweep_section(sweep: xr.Dataset | None) -> Section:
     return Section("sweep", title, body + sweep_table(sweep))
 
 
+def _grouped_sweep(sweep: xr.Dataset | None) -> bool:
+    """The sweep node says each run's optimizer and which group its fits use."""
+    return sweep is not None and "run_optimizer" in sweep.coords and "fit_group" in sweep
+
+
 def free_energy_section(runs, sweep) -> Section:
     """Stationary states in the (S, U) plane: slopes between them are temperatures."""
     found = find_free_energy(runs, sweep)
@@ -441,6 +446,15 @@ def free_energy_section(runs, sweep) -> Section:
         "Each point is a stationary state (energy U = loss, entropy S); the slope dU/dS between "
         "two points is the temperature at which both minimise F = U - T S."
     )
+    u, s, labels = found
+    if _grouped_sweep(sweep) and u.dims == sweep["run_optimizer"].dims:  # the sweep's points
+        group = str(sweep["fit_group"].values)
+        same = sweep["run_optimizer"] == group  # never compared across optimizers
+        found = (u.where(same), s.where(same), labels)
+        caption += (
+            f" Only the {esc(group)} runs (the fit group) are drawn: states of different "
+            "optimizers are not points of one F = U - T S."
+        )
     return Section(
         "free-energy",
         "Free energy",
