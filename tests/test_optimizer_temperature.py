@@ -149,6 +149,8 @@ def test_clipped_sgd_is_refused(tmp_path):
     assert float(ds.clip_fraction) == 1.0
     assert "clipped" in str(ds.temperature_refusal.values)
     assert np.isnan(ds.temperature.values).all()
+    # work n v^2/lr and heat rest on the same step size: refused with it
+    assert np.isnan(ds.work.values).all() and np.isnan(ds.heat.values).all()
     shutil.rmtree(tmp_path / "store.zarr")
     ds = _analyze(src, tmp_path, {"max_grad_norm": None})  # no clipping declared
     assert str(ds.temperature_refusal.values) == "" and np.isfinite(ds.temperature.values).any()

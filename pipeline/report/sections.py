@@ -348,10 +348,16 @@ def curves_section(runs: dict[str, xr.Dataset]) -> Section:
 def per_run_figures(runs, make, caption: str, needed: str) -> str:
     """``make(ds, run)`` for every run, each with ``caption`` (a note when it returns None)."""
     parts = [
-        figure_html(make(ds, run), caption, f"{run}: '{needed}' missing or all NaN; skipped.")
+        figure_html(make(ds, run), caption, f"{run}: '{needed}' {_missing_why(ds)}; skipped.")
         for run, ds in runs.items()
     ]
     return "".join(parts)
+
+
+def _missing_why(ds: xr.Dataset) -> str:
+    """Why a run's figure has nothing to draw: its temperature refusal when it has one."""
+    refusal = str(ds["temperature_refusal"].values) if "temperature_refusal" in ds else ""
+    return f"all NaN (no temperature: {refusal})" if refusal else "missing or all NaN"
 
 
 def efficiency_section(runs: dict[str, xr.Dataset]) -> Section:

@@ -84,6 +84,10 @@ def add_first_law(ds: xr.Dataset) -> xr.Dataset:
         heat = np.full(heat.shape, np.nan)
         heat[1:] = 0.5 * ds.n_params.values * np.diff(ds.temperature.values, axis=0)
         work = np.full(work.shape, np.nan)
+    if "temperature_refusal" in ds and str(ds.temperature_refusal.values):
+        # the relation refused the step size (e.g. clipped SGD: the step is not lr there), and
+        # both work n v^2/lr and heat rest on it: refused too (the refusal says why)
+        work, heat = np.full(work.shape, np.nan), np.full(heat.shape, np.nan)
     dloss = np.concatenate([[np.nan], np.diff(_checkpoint_energy(ds))])
     return ds.assign(
         work=(("step", "layer"), work),
