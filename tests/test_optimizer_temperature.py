@@ -151,6 +151,8 @@ def test_clipped_sgd_is_refused(tmp_path):
     assert np.isnan(ds.temperature.values).all()
     # work n v^2/lr and heat rest on the same step size: refused with it
     assert np.isnan(ds.work.values).all() and np.isnan(ds.heat.values).all()
+    # and no layer state temperature from an energy change never measured (was exactly 0)
+    assert np.isnan(ds.layer_state_temperature.values).all()
     shutil.rmtree(tmp_path / "store.zarr")
     ds = _analyze(src, tmp_path, {"max_grad_norm": None})  # no clipping declared
     assert str(ds.temperature_refusal.values) == "" and np.isfinite(ds.temperature.values).any()

@@ -56,6 +56,9 @@ def add_state_temperature(ds: xr.Dataset, data_shift_step) -> xr.Dataset:
     glob = state_temperature(energy[0], energy, total_s[0], total_s)
     layer_de = np.nancumsum(np.nan_to_num(ds.heat.values) - np.nan_to_num(ds.work.values), axis=0)
     local = state_temperature(0.0, layer_de, layer_s[0], layer_s)
+    # a layer with no finite work or heat yet has no measured energy change: NaN, not T = 0
+    known = np.cumsum(np.isfinite(ds.heat.values) | np.isfinite(ds.work.values), axis=0) > 0
+    local = np.where(known, local, np.nan)
     out = ds.assign(
         total_entropy=("step", total_s),
         state_temperature=("step", glob),
