@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         **common,
     )
     c.add_argument("path", help="run or sweep folder, or its URL")
+    c.add_argument(
+        "--params", default=None, help="params.yaml whose thermo section the forecast applies"
+    )
     for sp in (a, c):
         sp.add_argument(
             "--steps",
@@ -182,8 +185,10 @@ def _report(args, progress) -> dict:
 
 def _check(args, progress) -> dict:
     from pipeline.ingest.validate import check_and_plan, format_forecast, format_plan, format_table
+    from pipeline.settings import Settings, load_params
 
-    rows, plan = check_and_plan(args.path, args.steps, args.layers)
+    thermo = Settings.from_params(load_params(args.params) if args.params else None).thermo
+    rows, plan = check_and_plan(args.path, args.steps, args.layers, thermo)
     if not args.json_log:
         if plan:  # before the table, whose last line is the count
             print(format_plan(plan))

@@ -198,6 +198,7 @@ def test_check_forecasts_the_sgd_clipping_refusal(tmp_path):
     """Plain SGD whose logged grad_norm (the Trainer's, before clipping) exceeds
     thermo.max_grad_norm at most steps: the relation refuses T (the step is not lr), and
     ``check`` forecasts it from trainer_state.json; below the threshold nothing is refused."""
+    import contextlib
     import json
 
     from pipeline.ingest.validate import check_and_plan
@@ -218,3 +219,15 @@ def test_check_forecasts_the_sgd_clipping_refusal(tmp_path):
     assert rows[5.0]["possible"] == 0
     assert rows[5.0]["optimizer"].startswith("gradient clipped (grad_norm > 1.0) at 100%")
     assert rows[0.5]["optimizer"] == "" and rows[0.5]["possible"] > 0
+    # a run that never clipped: thermo.max_grad_norm null (check --params) lifts the refusal
+    from pipeline.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("thermo:\n  max_grad_norm: null\n")
+    for extra, identifiable in (([], 0), (["--params", str(params)], rows[0.5]["possible"])):
+        out = tmp_path / f"check{len(extra)}.json"
+        argv = ["--json-log", "check", str(tmp_path / "norm5.0"), *extra]
+        with open(out, "w") as err, contextlib.redirect_stderr(err):
+            main(argv)
+        done = [json.loads(x) for x in out.read_text().splitlines() if "identifiable" in x]
+        assert list(done[-1]["identifiable_cells"].values())[0][0] == identifiable

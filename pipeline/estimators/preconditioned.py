@@ -84,6 +84,8 @@ def clip_refusal(clipped: float, max_grad_norm: float | None) -> str:
     if np.isfinite(clipped) and clipped > MAX_CLIP_FRACTION:
         return (
             f"gradient clipped (grad_norm > {max_grad_norm}) at {clipped:.0%} of the logged "
-            "steps: the SGD step size is not lr there"
+            "steps: the SGD step size is not lr there (the log holds the norm before clipping; "
+            "set thermo.max_grad_norm (params.yaml, --params) to the run's own threshold, "
+            "null if it never clipped)"
         )
     return ""

@@ -68,14 +68,16 @@ def check(path) -> list[dict]:
     return rows_of(scan(path))
 
 
-def check_and_plan(path, steps=None, layers=None) -> tuple[list[dict], dict | None]:
+def check_and_plan(
+    path, steps=None, layers=None, thermo: ThermoSettings | None = None
+) -> tuple[list[dict], dict | None]:
     """``check``'s rows and the pre-flight ``plan`` of what is usable (None when nothing is),
     with the identifiability ``forecast`` of the selected runs in ``plan["forecast"]``."""
     s = scan(path)
     if not s.runs:
         return rows_of(s), None
     out = plan(s, steps, layers)
-    out["forecast"] = forecast([selection.select_run(r, steps, layers) for r in s.runs])
+    out["forecast"] = forecast([selection.select_run(r, steps, layers) for r in s.runs], thermo)
     return rows_of(s), out
 
 
