@@ -170,7 +170,7 @@ def test_check_forecasts_identifiable_cells_before_measuring(tmp_path):
     assert got["short"]["refused"] == {R_TEXT[1]: 4 * 3}
     assert got["nolog"]["possible"] == 0 and got["nolog"]["refused"] == {R_TEXT[3]: 15 * 3}
     text = format_forecast([got["short"]])
-    assert "0 of 12 (2-D layer, step) cells" in text and "too few checkpoints" in text
+    assert "0 of 12 (layer, step) cells" in text and "too few checkpoints" in text
 
 
 def test_check_forecasts_the_momentum_spacing_refusal(tmp_path):

@@ -150,7 +150,7 @@ def _state_momentum(run, kind: str) -> float:
 
 
 def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> list[dict]:
-    """Per run, before measuring: how many (2-D layer, step) cells can get a temperature and
+    """Per run, before measuring: how many (layer, step) cells can get a temperature and
     why the others cannot (``TemperatureReason`` codes decidable from the manifest: too few
     checkpoints for a window, no LR log, the optimizer relation). Cells can still be refused
     after measuring (spacing, rounding, no diffusion signal)."""
@@ -158,7 +158,7 @@ def forecast(runs, thermo: ThermoSettings | None = None, max_lag: int = 8) -> li
     window = min(thermo.temperature_window, max_lag)
     out = []
     for run in runs:
-        n_layers = sum(len(t.shape) >= 2 for t in run.tensors)
+        n_layers = len(run.tensors)  # every tensor is measured (the report counts the same)
         starts, _ = checkpoint_windows(
             len(run.steps), window, min(thermo.temperature_min_window, window)
         )
@@ -196,8 +196,8 @@ def format_forecast(rows: list[dict]) -> str:
         why = "; ".join(f"{text} ({n} cells)" for text, n in r["refused"].items())
         share = r["possible"] / max(r["cells"], 1)
         lines.append(
-            f"identifiable at most: run '{r['run']}' {r['possible']} of {r['cells']} (2-D layer, "
-            f"step) cells ({share:.0%})" + (f"; refused before measuring: {why}" if why else "")
+            f"identifiable at most: run '{r['run']}' {r['possible']} of {r['cells']} (layer, step) "
+            f"cells ({share:.0%})" + (f"; refused before measuring: {why}" if why else "")
         )
     if lines:
         lines.append(
