@@ -480,3 +480,20 @@ def test_free_energy_draws_only_the_fit_groups_states():
     drawn = free_energy_section({}, sweep(2.5)).body
     assert images(drawn) and "Only the adamw runs (the fit group) are drawn" in drawn
     assert not images(free_energy_section({}, sweep(np.nan)).body)
+
+
+def test_efficiency_legend_lists_only_drawn_engine_types():
+    """Layers without a work efficiency (no activation, 1-D) draw no bar and get no legend
+    entry (the GPT-2 page listed 'unknown' and 'none' beside the only drawn type)."""
+    from pipeline.report.figures import efficiency_bars
+
+    ds = xr.Dataset(
+        {
+            "work_efficiency": (("step", "layer"), [[np.nan, 0.7, np.nan], [np.nan, 0.69, np.nan]]),
+            "engine_type": ("layer", ["none", "scale-dependent", "unknown"]),
+        },
+        coords={"layer": ["attn.weight", "mlp.c_fc.weight", "ln.bias"]},
+    )
+    fig = efficiency_bars(ds, "r")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["work efficiency: scale-dependent"]

@@ -294,7 +294,7 @@ def efficiency_bars(ds: xr.Dataset, run: str):
     )
     fig, ax = plt.subplots(figsize=(11, 3.8), layout="constrained")
     x = np.arange(len(order))
-    kinds = list(dict.fromkeys(engine))
+    kinds = list(dict.fromkeys(engine[np.isfinite(work)]))  # no legend entry without a bar
     for kind, colour in zip(kinds, ENGINE_PALETTE * (len(kinds) // 4 + 1)):
         sel = engine == kind
         ax.bar(x[sel], work[sel], color=colour, width=0.85, label=f"work efficiency: {kind}")
