@@ -214,7 +214,8 @@ def format_plan(p: dict) -> str:
     span = f"{lo:.3g} s" if lo == hi else f"{lo:.3g}-{hi:.3g} s"
     return (
         f"pre-flight: {p['bytes']} bytes to read ({p['bytes'] / max(p['series_bytes'], 1):.1%} "
-        f"of the series' {p['series_bytes']} bytes); estimated {span} at {rate} MB/s\n"
+        f"of the series' {p['series_bytes']} bytes); estimated {span} of reading at {rate} MB/s "
+        "(analyze adds its Dask cluster's start-up, seconds)\n"
         f"rate: {p['rate_from']}"
     )
 
