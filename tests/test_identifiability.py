@@ -121,6 +121,15 @@ def test_every_masked_cell_has_its_reason(tmp_path):
     assert np.all(np.isfinite(coarse.temperature.values[reason == 0]))
     assert set(np.unique(reason)) <= {int(r) for r in R}
 
+    # the run's optimizer relation refused (AdamW named, no optimizer state): every cell with a
+    # window says so (4), not its own 2/7; cells without any window keep 1 (precedence: reasons)
+    refused = add_temperature(_run_dataset(series), 8, optimizer="adamw")
+    assert str(refused.temperature_refusal.values)
+    reason = refused.temperature_reason.values
+    assert (reason[:8] == R.TOO_FEW_CHECKPOINTS).all()  # trailing windows: none before step 8
+    assert (reason[8:] == R.OPTIMIZER_STATE_MISSING).all()
+    assert np.isnan(refused.temperature.values).all()
+
 
 def test_masked_layers_do_not_enter_global_temperature(tmp_path):
     truth = _series(tmp_path)

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from pipeline.analyze import analyze
+from pipeline.core.reasons import StateTemperatureReason
 from pipeline.demo import ConstantLR, make_demo, train_digits_run
 from pipeline.estimators.efficiency import engine_type, preactivation_scale, work_efficiency
 from pipeline.estimators.thermodynamics import equilibrium, log_mean
@@ -367,6 +368,30 @@ def test_state_temperature_recovers_dE_dS(tmp_path, cluster):
     rel_ii = float(ds.shift_state_temperature) / c - 1
     print(f"\n[state T] Type I max rel. error {np.abs(rel).max():.4f}; Type II {rel_ii:.4f}")
     assert np.all(np.abs(rel) < 0.03) and abs(rel_ii) < 0.03
+    # positive dE/dS is a temperature: kept, reason 0 (the refusal masks nothing here)
+    assert (ds.state_temperature_reason.values[far] == StateTemperatureReason.OK).all()
+    assert int(ds.shift_state_temperature_reason) == StateTemperatureReason.OK
+
+
+def test_state_temperature_refused_when_loss_falls_as_entropy_rises(tmp_path, cluster):
+    """The same weights with loss E_t = 1 - c S_t (dE/dS = -c < 0, the usual direction from
+    initialization): no negative temperature stored; NaN with reason 3 at every step after the
+    first (step 0: dS = 0, reason 2) and across the shift; the code table in the attrs."""
+    c, n = 2e-5, 2 * 64 * 64
+    scales = 0.05 * np.exp(np.linspace(0, 1, 20))
+    entropy = n * (0.5 * np.log(2 * np.pi * np.e) + np.log(scales))
+    _write_gaussian_series(tmp_path / "run", scales, 1.0 - c * entropy)
+    ds = _only_run(_analyze(tmp_path / "run", tmp_path, cluster, params={"data_shift_step": 10}))
+    reason = ds.state_temperature_reason.values
+    assert np.isnan(ds.state_temperature.values).all()
+    assert reason[0] == StateTemperatureReason.NO_ENTROPY_CHANGE
+    assert (reason[1:] == StateTemperatureReason.NOT_POSITIVE).all()
+    assert np.isnan(float(ds.shift_state_temperature))
+    assert int(ds.shift_state_temperature_reason) == StateTemperatureReason.NOT_POSITIVE
+    assert "dE/dS <= 0" in ds.state_temperature_reason.attrs["reasons"]
+    layer = ds.layer_state_temperature.values
+    assert not (layer <= 0).any()  # NaN or positive, never a negative temperature
+    assert (np.isnan(layer) == (ds.layer_state_temperature_reason.values != 0)).all()
 
 
 def test_efficiencies_on_trained_mlp(tmp_path, cluster):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import t as student_t
 
+from pipeline.core.reasons import StateTemperatureReason as R
 from pipeline.estimators.ensemble import ensemble_entropy, window_log_var_sum
 from pipeline.estimators.thermodynamics import (
     closure_error,
@@ -21,6 +22,7 @@ from pipeline.estimators.thermodynamics import (
     schedule_diagnostics,
     state_temperature,
 )
+from pipeline.thermo.run import refuse_state_temperature
 
 
 def _sgd(h, grad0, lr_per_step, sigma, x0, rng):
@@ -52,6 +54,21 @@ def test_state_temperature_vectorised_sign_and_nan():
     assert np.isnan(got[2, 1])
     ok = np.isfinite(got)
     assert ok.sum() == 14 and np.allclose(got[ok], T[ok], rtol=1e-12)
+
+
+def test_state_temperature_refused_unless_positive():
+    """thermo.run masks dE/dS: a known positive T kept exactly; dE/dS < 0 or = 0, |dS| ~ 0 and
+    an unmeasured energy change each NaN with their own reason (never a negative T)."""
+    de = np.array([0.6, -0.6, 0.0, 0.3, np.nan])
+    ds = np.array([0.2, 0.2, 0.2, 1e-14, 0.2])
+    got, reason = refuse_state_temperature(state_temperature(0.0, de, 0.0, ds), de)
+    assert got[0] == pytest.approx(3.0, rel=1e-15)
+    assert np.isnan(got[1:]).all()
+    assert list(reason) == [R.OK, R.NOT_POSITIVE, R.NOT_POSITIVE, R.NO_ENTROPY_CHANGE] + [
+        R.NO_ENERGY_CHANGE
+    ]
+    scalar, code = refuse_state_temperature(state_temperature(1.0, 0.5, 2.0, 3.0), -0.5)
+    assert np.isnan(scalar) and code == R.NOT_POSITIVE  # Type II (0-d) as well
 
 
 def test_log_mean_values():

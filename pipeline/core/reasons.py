@@ -13,7 +13,14 @@ from enum import IntEnum
 
 
 class TemperatureReason(IntEnum):
-    """Why a (step, layer) cell of the local temperature has no value (0: it has one)."""
+    """Why a (step, layer) cell of the local temperature has no value (0: it has one).
+
+    One code per cell, by precedence: 1 (no window: nothing could give a value there) first;
+    then 4 on every other cell when the run's optimizer relation is refused
+    (``temperature_refusal`` non-empty), whatever the cell's own data would say, since the
+    run-level refusal is what the user must act on (and what ``thermoscope check`` forecasts);
+    otherwise the cell's own reason (6, 2, 7 from the window fit; 5 rounding; 3 no step size).
+    """
 
     IDENTIFIED = 0
     TOO_FEW_CHECKPOINTS = 1
@@ -34,6 +41,23 @@ TEMPERATURE_REASONS: dict[int, str] = {
     5: "rounding-limited: the layer moves less than half an ulp of its storage dtype per interval",
     6: "non-finite values or missing distances in the window",
     7: "no resolvable diffusion (D <= 0 or error larger than the value)",
+}
+
+
+class StateTemperatureReason(IntEnum):
+    """Why a state temperature dE/dS (global, per layer, or across the data shift) is refused."""
+
+    OK = 0
+    NO_ENERGY_CHANGE = 1
+    NO_ENTROPY_CHANGE = 2
+    NOT_POSITIVE = 3
+
+
+STATE_TEMPERATURE_REASONS: dict[int, str] = {
+    0: "computed",
+    1: "no energy change measured (loss not logged, or no finite work or heat yet)",
+    2: "no entropy change resolved (|dS| <= 1e-9 nats, or entropy not finite)",
+    3: "dE/dS <= 0: energy and entropy did not move together, no thermal reading",
 }
 
 
@@ -90,6 +114,9 @@ REASON_TABLES: dict[str, dict[int, str]] = {
     "group_fit_k_reason": FIT_REASONS,
     "heat_capacity_reason": FIT_REASONS,
     "plateau_reason": FIT_REASONS,
+    "state_temperature_reason": STATE_TEMPERATURE_REASONS,
+    "layer_state_temperature_reason": STATE_TEMPERATURE_REASONS,
+    "shift_state_temperature_reason": STATE_TEMPERATURE_REASONS,
     "work_efficiency_reason": EFFICIENCY_REASONS,
     "carnot_efficiency_reason": EFFICIENCY_REASONS,
     "realized_efficiency_reason": EFFICIENCY_REASONS,

@@ -198,7 +198,8 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
     ),
     "state_temperature": (
         "loss",
-        "Type I state temperature dE/dS from initialization to this step (global)",
+        "Type I state temperature dE/dS from initialization to this step (global; NaN where "
+        "dE/dS <= 0)",
         "thermodynamics.state_temperature",
     ),
     "layer_state_temperature": (
@@ -210,6 +211,21 @@ VARIABLES: dict[str, tuple[str, str, str]] = {
         "loss",
         "Type II state temperature across the marked data shift",
         "thermodynamics.state_temperature",
+    ),
+    "state_temperature_reason": (
+        "1",
+        "why the global state temperature is refused (0: computed; table in attrs)",
+        "thermo.run.add_state_temperature",
+    ),
+    "layer_state_temperature_reason": (
+        "1",
+        "why the layer state temperature is refused (0: computed; table in attrs)",
+        "thermo.run.add_state_temperature",
+    ),
+    "shift_state_temperature_reason": (
+        "1",
+        "why the Type II state temperature is refused (0: computed; table in attrs)",
+        "thermo.run.add_state_temperature",
     ),
     "work": (
         "loss",

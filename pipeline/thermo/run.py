@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from pipeline.core.reasons import EfficiencyReason
+from pipeline.core.reasons import EfficiencyReason, StateTemperatureReason
 from pipeline.estimators.efficiency import (
     carnot_efficiency,
     engine_type,
@@ -47,28 +47,55 @@ def _checkpoint_energy(ds: xr.Dataset) -> np.ndarray:
     return ds.loss.values.astype(np.float64)
 
 
+def refuse_state_temperature(value, energy_change) -> tuple[np.ndarray, np.ndarray]:
+    """Zhang's dE/dS (loss/nat) as a temperature only where it is one: NaN and a
+    ``StateTemperatureReason`` where the energy change is unmeasured (1), the entropy change
+    unresolved (2), or dE/dS <= 0 (3: energy and entropy moved in opposite directions, or the
+    energy did not move; no thermal reading, and never a negative temperature). METHODS.md
+    quantity 4."""
+    value = np.asarray(value, dtype=np.float64)
+    reason = np.full(value.shape, StateTemperatureReason.OK, dtype=np.int8)
+    reason[~np.isfinite(value)] = StateTemperatureReason.NO_ENTROPY_CHANGE
+    reason[~np.isfinite(energy_change)] = StateTemperatureReason.NO_ENERGY_CHANGE
+    reason[np.isfinite(value) & ~(value > 0)] = StateTemperatureReason.NOT_POSITIVE
+    return np.where(reason == StateTemperatureReason.OK, value, np.nan), reason
+
+
 def add_state_temperature(ds: xr.Dataset, data_shift_step) -> xr.Dataset:
-    """Zhang's state temperatures: Type I (init -> t) global and per layer; Type II at a shift."""
+    """Zhang's state temperatures: Type I (init -> t) global and per layer; Type II at a shift;
+    each refused (NaN + ``*_reason``) where dE/dS is no positive temperature."""
     n = ds.n_params.values.astype(np.float64)
     layer_s = ds.weight_entropy.values * n
     total_s = layer_s.sum(axis=1)
     energy = _checkpoint_energy(ds)
-    glob = state_temperature(energy[0], energy, total_s[0], total_s)
+    glob, glob_reason = refuse_state_temperature(
+        state_temperature(energy[0], energy, total_s[0], total_s), energy - energy[0]
+    )
     layer_de = np.nancumsum(np.nan_to_num(ds.heat.values) - np.nan_to_num(ds.work.values), axis=0)
-    local = state_temperature(0.0, layer_de, layer_s[0], layer_s)
-    # a layer with no finite work or heat yet has no measured energy change: NaN, not T = 0
+    # a layer with no finite work or heat yet has no measured energy change: refused, not T = 0
     known = np.cumsum(np.isfinite(ds.heat.values) | np.isfinite(ds.work.values), axis=0) > 0
-    local = np.where(known, local, np.nan)
+    layer_de = np.where(known, layer_de, np.nan)
+    local, local_reason = refuse_state_temperature(
+        state_temperature(0.0, layer_de, layer_s[0], layer_s), layer_de
+    )
     out = ds.assign(
         total_entropy=("step", total_s),
         state_temperature=("step", glob),
+        state_temperature_reason=("step", glob_reason),
         layer_state_temperature=(("step", "layer"), local),
+        layer_state_temperature_reason=(("step", "layer"), local_reason),
     )
     if data_shift_step is not None:
         before = int(np.searchsorted(ds.step.values, data_shift_step, side="right")) - 1
         if 0 <= before < ds.sizes["step"] - 1:
-            shift = state_temperature(energy[before], energy[-1], total_s[before], total_s[-1])
-            out = out.assign(shift_state_temperature=((), float(shift)))
+            shift, shift_reason = refuse_state_temperature(
+                state_temperature(energy[before], energy[-1], total_s[before], total_s[-1]),
+                energy[-1] - energy[before],
+            )
+            out = out.assign(
+                shift_state_temperature=((), float(shift)),
+                shift_state_temperature_reason=((), shift_reason),
+            )
     return out
 
 

@@ -160,9 +160,10 @@ def add_temperature(
     resolution = window_rounding_resolution(ds.msd.values, grid_noise, starts, ends)
     d_reason = _with_rounding(est["reason"], resolution)
     reason = _with_rounding(used["reason"], resolution)
-    ok = reason == TemperatureReason.IDENTIFIED
-    if rel.refusal or rel.band is None:
-        reason[ok] = TemperatureReason.OPTIMIZER_STATE_MISSING
+    if rel.refusal or rel.band is None:  # precedence: TEMPERATURE_REASONS' docstring
+        reason[reason != TemperatureReason.TOO_FEW_CHECKPOINTS] = (
+            TemperatureReason.OPTIMIZER_STATE_MISSING
+        )
     reason[(reason == TemperatureReason.IDENTIFIED) & ~(np.isfinite(eta) & (eta > 0))] = (
         TemperatureReason.NO_LR_LOG
     )
