@@ -163,7 +163,8 @@ def layer_step_map(ds: xr.Dataset, var: str, log: bool, title: str, cmap: str = 
         xticklabels=False,
         yticklabels=False,
         rasterized=True,
-        cbar_kws={"label": axis_label(da, var)},
+        # the colour bar is as tall as the figure: wrap its label to fit (long names overran it)
+        cbar_kws={"label": textwrap.fill(axis_label(da, var), int(12 * height))},
     )
     pos, labels = layer_ticks(names)
     ax.set_yticks(np.asarray(pos) + 0.5)
