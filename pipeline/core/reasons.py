@@ -12,7 +12,22 @@ from __future__ import annotations
 from enum import IntEnum
 
 
-class TemperatureReason(IntEnum):
+class Reason(IntEnum):
+    """An int code that carries its sentence: ``Member = code, "text"``; ``table()`` gives the
+    {code: text} mapping written into the store and printed by the report and ``check``."""
+
+    def __new__(cls, value: int, text: str):
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.text = text
+        return member
+
+    @classmethod
+    def table(cls) -> dict[int, str]:
+        return {int(member): member.text for member in cls}
+
+
+class TemperatureReason(Reason):
     """Why a (step, layer) cell of the local temperature has no value (0: it has one).
 
     One code per cell, by precedence: 1 (no window: nothing could give a value there) first;
@@ -22,89 +37,77 @@ class TemperatureReason(IntEnum):
     otherwise the cell's own reason (6, 2, 7 from the window fit; 5 rounding; 3 no step size).
     """
 
-    IDENTIFIED = 0
-    TOO_FEW_CHECKPOINTS = 1
-    SPACING_TOO_COARSE = 2
-    NO_LR_LOG = 3
-    OPTIMIZER_STATE_MISSING = 4
-    ROUNDING_LIMITED = 5
-    MISSING_VALUES = 6
-    NO_DIFFUSION_SIGNAL = 7
+    IDENTIFIED = 0, "identified"
+    TOO_FEW_CHECKPOINTS = 1, "too few checkpoints for a window (needs min_window + 1)"
+    SPACING_TOO_COARSE = (
+        2,
+        "checkpoint spacing longer than the layer's relaxation time (MSD saturates between lags)",
+    )
+    NO_LR_LOG = 3, "no step size (no learning-rate log): only the diffusivity D is reported"
+    OPTIMIZER_STATE_MISSING = (
+        4,
+        "optimizer relation refused (the run's temperature_refusal says why)",
+    )
+    ROUNDING_LIMITED = (
+        5,
+        "rounding-limited: the layer moves less than half an ulp of its storage dtype per interval",
+    )
+    MISSING_VALUES = 6, "non-finite values or missing distances in the window"
+    NO_DIFFUSION_SIGNAL = 7, "no resolvable diffusion (D <= 0 or error larger than the value)"
 
 
-TEMPERATURE_REASONS: dict[int, str] = {
-    0: "identified",
-    1: "too few checkpoints for a window (needs min_window + 1)",
-    2: "checkpoint spacing longer than the layer's relaxation time (MSD saturates between lags)",
-    3: "no step size (no learning-rate log): only the diffusivity D is reported",
-    4: "optimizer relation refused (the run's temperature_refusal says why)",
-    5: "rounding-limited: the layer moves less than half an ulp of its storage dtype per interval",
-    6: "non-finite values or missing distances in the window",
-    7: "no resolvable diffusion (D <= 0 or error larger than the value)",
-}
+TEMPERATURE_REASONS = TemperatureReason.table()
 
 
-class StateTemperatureReason(IntEnum):
+class StateTemperatureReason(Reason):
     """Why a state temperature dE/dS (global, per layer, or across the data shift) is refused."""
 
-    OK = 0
-    NO_ENERGY_CHANGE = 1
-    NO_ENTROPY_CHANGE = 2
-    NOT_POSITIVE = 3
+    OK = 0, "computed"
+    NO_ENERGY_CHANGE = (
+        1,
+        "no energy change measured (loss not logged, or no finite work or heat yet)",
+    )
+    NO_ENTROPY_CHANGE = 2, "no entropy change resolved (|dS| <= 1e-9 nats, or entropy not finite)"
+    NOT_POSITIVE = 3, "dE/dS <= 0: energy and entropy did not move together, no thermal reading"
 
 
-STATE_TEMPERATURE_REASONS: dict[int, str] = {
-    0: "computed",
-    1: "no energy change measured (loss not logged, or no finite work or heat yet)",
-    2: "no entropy change resolved (|dS| <= 1e-9 nats, or entropy not finite)",
-    3: "dE/dS <= 0: energy and entropy did not move together, no thermal reading",
-}
+STATE_TEMPERATURE_REASONS = StateTemperatureReason.table()
 
 
-class FitReason(IntEnum):
+class FitReason(Reason):
     """Why a cross-run quantity of the sweep (free-energy T, k fit, heat capacity) is refused."""
 
-    OK = 0
-    NOT_STATIONARY = 1
-    TOO_FEW_PLATEAUS = 2
-    NO_TEMPERATURE = 3
-    NOT_POSITIVE = 4
-    K_OUT_OF_TOLERANCE = 5
-    OTHER_OPTIMIZER = 6
+    OK = 0, "accepted"
+    NOT_STATIONARY = 1, "plateau not stationary (loss, T or S drifts over the run's second half)"
+    TOO_FEW_PLATEAUS = 2, "fewer than 2 stationary constant-LR plateaus"
+    NO_TEMPERATURE = 3, "no identified temperature on the plateau"
+    NOT_POSITIVE = 4, "estimate not positive (no F = U - T S minimum at a positive T / C <= 0)"
+    K_OUT_OF_TOLERANCE = (
+        5,
+        "exponent k outside 1 +- the estimator's tolerance (T not proportional to lr)",
+    )
+    OTHER_OPTIMIZER = (
+        6,
+        "run of another optimizer than the sweep's fit group (never compared across optimizers)",
+    )
 
 
-FIT_REASONS: dict[int, str] = {
-    0: "accepted",
-    1: "plateau not stationary (loss, T or S drifts over the run's second half)",
-    2: "fewer than 2 stationary constant-LR plateaus",
-    3: "no identified temperature on the plateau",
-    4: "estimate not positive (no F = U - T S minimum at a positive T / C <= 0)",
-    5: "exponent k outside 1 +- the estimator's tolerance (T not proportional to lr)",
-    6: "run of another optimizer than the sweep's fit group (never compared across optimizers)",
-}
+FIT_REASONS = FitReason.table()
 
 
-class EfficiencyReason(IntEnum):
+class EfficiencyReason(Reason):
     """Why a layer's heat-engine efficiency has no value."""
 
-    OK = 0
-    NO_ACTIVATION = 1
-    ACTIVATION_UNKNOWN = 2
-    VECTOR = 3
-    NO_TEMPERATURE = 4
-    NO_PARTNER = 5
-    NO_HEAT = 6
+    OK = 0, "computed"
+    NO_ACTIVATION = 1, "the tensor feeds no activation (attention, embedding, output projection)"
+    ACTIVATION_UNKNOWN = 2, "activation unknown (no config.json rule for this tensor)"
+    VECTOR = 3, "1-D tensor (bias or norm gain)"
+    NO_TEMPERATURE = 4, "no identified temperature at this step"
+    NO_PARTNER = 5, "no next layer in signal order with an identified temperature"
+    NO_HEAT = 6, "no positive work or released heat over the run"
 
 
-EFFICIENCY_REASONS: dict[int, str] = {
-    0: "computed",
-    1: "the tensor feeds no activation (attention, embedding, output projection)",
-    2: "activation unknown (no config.json rule for this tensor)",
-    3: "1-D tensor (bias or norm gain)",
-    4: "no identified temperature at this step",
-    5: "no next layer in signal order with an identified temperature",
-    6: "no positive work or released heat over the run",
-}
+EFFICIENCY_REASONS = EfficiencyReason.table()
 
 # code variable -> its table (annotate writes it into the variable's attrs)
 REASON_TABLES: dict[str, dict[int, str]] = {
