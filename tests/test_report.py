@@ -355,8 +355,8 @@ def test_five_run_demo_page_stays_light(tmp_path):
     assert page.stat().st_size < 3_000_000
 
 
-def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
-    """No LR log -> no temperature (never invented): the map shows the measured diffusivity."""
+def _run_without_temperature(tmp_path) -> tuple[xr.DataTree, str]:
+    """A loaded one-run store (4 layers, 6 steps) whose temperatures are all NaN, and its run."""
     path = build_store(
         tmp_path / "s.zarr",
         n_runs=1,
@@ -365,11 +365,17 @@ def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
         all_nan=("temperature", "global_temperature", "temperature_spread"),
     )
     tree = xr.open_datatree(path, engine="zarr").load()
-    run = tree[list(tree.children)[0]].to_dataset()
+    return tree, list(tree.children)[0]
+
+
+def test_run_without_learning_rate_maps_the_diffusivity(tmp_path):
+    """No LR log -> no temperature (never invented): the map shows the measured diffusivity."""
+    tree, name = _run_without_temperature(tmp_path)
+    run = tree[name].to_dataset()
     diffusivity = xr.full_like(run["weight_rms"], 1e-6).assign_attrs(
         units="weight^2/param/step", long_name="noise diffusivity D"
     )
-    tree[list(tree.children)[0]].dataset = run.assign(diffusivity=diffusivity)
+    tree[name].dataset = run.assign(diffusivity=diffusivity)
     tree.to_zarr(tmp_path / "d.zarr", mode="w")
     found = sections(render_report(tmp_path / "d.zarr", tmp_path / "out").read_text())
     assert images(found["temperature-map"])
@@ -383,15 +389,7 @@ def test_refused_run_says_its_refusal_not_a_missing_log(tmp_path):
     """A run whose optimizer relation was refused (here: momentum offset vs spacing) has an LR
     log: the map's caption and every code-4 grey cell give the run's own refusal sentence
     (a reason sentence holding '; ' is decoded whole, never cut mid-parenthesis)."""
-    path = build_store(
-        tmp_path / "s.zarr",
-        n_runs=1,
-        n_layers=4,
-        n_steps=6,
-        all_nan=("temperature", "global_temperature", "temperature_spread"),
-    )
-    tree = xr.open_datatree(path, engine="zarr").load()
-    name = list(tree.children)[0]
+    tree, name = _run_without_temperature(tmp_path)
     run = tree[name].to_dataset()
     refusal = "checkpoints 10 steps apart: momentum shortens the displacement by 9.5 steps"
     codes = run["temperature_reason"]
