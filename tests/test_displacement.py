@@ -157,3 +157,20 @@ def test_rounding_noise_var():
     x = torch.linspace(1.0, 1.99, 1000).bfloat16()  # bf16 ulp on [1, 2) is 2^-7
     assert rounding_noise_var(x) == pytest.approx(2.0**-14 / 12)
     assert rounding_noise_var(x.double()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rounding_noise_var_is_exact_against_frexp(dtype):
+    """The ulp comes from the exact binary exponent, also just below a power of two, where a
+    float32 log2 rounds up to the next integer (the former path: up to 1.8e-4 off)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20000, generator=gen) * 0.02
+    x[:64] = 2.0 ** torch.arange(-32, 32, dtype=torch.float32) * (1 - 2.0**-24)
+    x[64:80], x[80], x[81] = 0.0, float("nan"), float("-inf")
+    v = x.to(dtype)
+    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[dtype]
+    ref = v.double().numpy()
+    ref = ref[np.isfinite(ref) & (ref != 0)]
+    _, exponent = np.frexp(np.abs(ref))  # |x| = m 2^e with m in [0.5, 1): floor(log2) = e - 1
+    expected = np.mean(np.ldexp(1.0, exponent - 1 - (bits - 1)) ** 2) / 12
+    assert rounding_noise_var(v) == pytest.approx(expected, rel=1e-12)

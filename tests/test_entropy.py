@@ -141,3 +141,19 @@ def test_subsample_entropy_matches_full():
     idx = entropy_subsample_indices(x.numel(), 10**5, seed=0)
     truth = 0.5 * math.log(2 * math.pi * math.e * 0.25)
     assert abs(differential_entropy(x[idx]) - truth) < 0.02
+
+
+def test_ties_move_inside_their_cells_only():
+    """De-quantised ties stay inside their own cell (halfway to the neighbouring distinct
+    values; the outer cells mirrored), singletons do not move, and the result stays sorted."""
+    from pipeline.estimators.entropy import _spread_ties
+
+    x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 3.5, 4.0, 4.0])
+    out, longest = _spread_ties(x)
+    assert longest == 3
+    assert np.all(np.diff(out) >= 0)
+    assert out[3] == 1.0 and out[6] == 3.5  # singletons
+    cells = [(-0.5, 0.5, slice(0, 3)), (1.5, 2.75, slice(4, 6)), (3.75, 4.25, slice(7, 9))]
+    for lo, hi, where in cells:
+        assert np.all((out[where] >= lo) & (out[where] <= hi)), (lo, hi, out[where])
+    assert np.array_equal(_spread_ties(out)[0], out)  # no ties left: unchanged

@@ -115,16 +115,25 @@ def rounding_noise_var(values: torch.Tensor) -> float:
     Returns the mean over finite non-zero elements in weight^2 (0 for float64). Assumes
     independent rounding errors between checkpoints, valid when a coordinate moves by more than
     an ulp between checkpoints; pass as ``white_noise_var`` to ``diffusivity_from_band``.
+
+    floor(log2|x|) is read exactly from the exponent field of x widened to fp32 (exact for
+    all three dtypes): one histogram of the 256 exponents instead of a log per element, and
+    no rounding of log2 up to the next integer just below a power of two. fp32 subnormals
+    (exponent field 0) take the log2 path.
     """
     bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}.get(values.dtype)
     if bits is None:
         return 0.0
-    x = values.reshape(-1).to(torch.float32)
-    x = x[torch.isfinite(x) & (x != 0)]
-    if x.numel() == 0:
-        return 0.0
-    ulp = torch.exp2(torch.floor(torch.log2(x.abs())) - (bits - 1)).to(torch.float64)
-    return float((ulp * ulp).mean().item() / 12.0)
+    x = _fp32_bits(values)
+    field = (x >> 23) & 0xFF
+    counts = torch.bincount(torch.from_numpy(field), minlength=256).numpy().astype(np.float64)
+    ulp_sq = np.exp2(2.0 * (np.arange(256) - 127.0 - (bits - 1)))  # of normals, by field
+    total, n = float(counts[1:255] @ ulp_sq[1:255]), float(counts[1:255].sum())
+    if counts[0] > 0:  # zeros (ignored) and subnormals
+        tiny = torch.from_numpy(x[(field == 0) & ((x & 0x7FFFFFFF) != 0)].view(np.float32))
+        ulp = torch.exp2(torch.floor(torch.log2(tiny.abs())) - (bits - 1)).to(torch.float64)
+        total, n = total + float((ulp * ulp).sum()), n + tiny.numel()
+    return total / n / 12.0 if n else 0.0
 
 
 def on_bf16_grid(values: torch.Tensor) -> bool:
@@ -133,11 +142,17 @@ def on_bf16_grid(values: torch.Tensor) -> bool:
     fp32 checkpoints whose values all lie on the bf16 grid come from pure-bf16 training
     exported to fp32 (a random fp32 value is on the grid with probability 2^-16, so a sample of
     thousands decides). Such a series holds the exact training state: no rounding happened at
-    export, so no white rounding noise is subtracted (METHODS.md, "bf16").
+    export, so no white rounding noise is subtracted (METHODS.md, "bf16"). Read from the bits:
+    a finite fp32 value is on the grid when its 16 low bits are zero (exponent field < 255).
     """
-    x = values.reshape(-1).to(torch.float32)
-    x = x[torch.isfinite(x)]
-    return bool(x.numel() > 0 and torch.equal(x.to(torch.bfloat16).to(torch.float32), x))
+    x = _fp32_bits(values)
+    special = (x & 0x7F800000) == 0x7F800000  # Inf, NaN
+    return bool(not special.all() and not ((x & 0xFFFF).astype(bool) & ~special).any())
+
+
+def _fp32_bits(values: torch.Tensor) -> np.ndarray:
+    """The bit patterns (int32) of ``values`` widened to fp32 (exact for bf16/fp16/fp32)."""
+    return values.detach().reshape(-1).to(torch.float32).cpu().numpy().view(np.int32)
 
 
 @lru_cache(maxsize=256)

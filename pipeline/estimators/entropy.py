@@ -8,6 +8,7 @@ estimate"; Learned-Miller & Fisher 2003, RADICAL). See METHODS.md.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -24,38 +25,60 @@ def _spacing_order(n: int) -> int:
     return max(1, int(round(n**0.25)))
 
 
-def _sorted(x: torch.Tensor) -> torch.Tensor:
-    """Ascending float64 copy of a 1-D tensor (numpy's SIMD sort: several times faster than
-    torch.sort on CPU). A float32 tensor is sorted as float32 and then widened: the same
-    values in the same order (widening is exact and monotonic), in half the sort time."""
+def _sorted_finite(x: torch.Tensor) -> np.ndarray:
+    """Ascending float64 copy of the finite values of a 1-D tensor (numpy's SIMD sort:
+    several times faster than torch.sort on CPU). float32 is sorted as float32 and widened
+    after: the same values in the same order (widening is exact and monotonic), in half the
+    sort time. numpy sorts -inf first and +inf/NaN last, so the ends tell whether any value
+    needs dropping (no finite-mask pass over a finite sample)."""
     a = x.detach().cpu().numpy()
-    return torch.from_numpy(np.sort(a).astype(np.float64, copy=False))
+    a = np.sort(a if a.dtype == np.float32 else a.astype(np.float64, copy=False))
+    if a.size and not (np.isfinite(a[0]) and np.isfinite(a[-1])):
+        a = a[np.isfinite(a)]
+    return a.astype(np.float64, copy=False)
 
 
-def _spread_ties(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _spread_ties(x: np.ndarray) -> tuple[np.ndarray, int]:
     """Sorted float64 x -> (sorted x with tied values de-quantised, longest run of equal values).
 
     Every value that occurs k > 1 times is replaced by k points drawn uniformly inside its
-    quantisation cell (edges halfway to the neighbouring distinct values), from a generator
-    with a fixed seed, so the result is deterministic. Singletons are left as they are.
+    quantisation cell (edges halfway to the neighbouring distinct values; the outermost cells
+    mirror their inner edge), from a generator with a fixed seed, so the result is
+    deterministic. Singletons are left as they are. Only the runs of equal values are
+    visited (a continuous sample has few or none).
     """
-    uniq, inverse, counts = torch.unique_consecutive(x, return_inverse=True, return_counts=True)
-    max_tie = int(counts.max())
-    if max_tie == 1 or uniq.numel() < 2:
+    same = np.concatenate(([False], x[1:] == x[:-1], [False]))
+    if not same.any():
+        return x, 1
+    edges = np.flatnonzero(same[1:] != same[:-1])  # a run of equal values: [start, stop)
+    starts, stops = edges[0::2], edges[1::2] + 1
+    lengths = stops - starts
+    max_tie = int(lengths.max())
+    if starts[0] == 0 and stops[0] == x.size:  # one distinct value
         return x, max_tie
-    mid = (uniq[1:] + uniq[:-1]) / 2
-    lo = torch.cat([2 * uniq[:1] - mid[:1], mid])
-    width = torch.cat([mid, 2 * uniq[-1:] - mid[-1:]]) - lo
-    u = torch.rand(
-        x.numel(), generator=torch.Generator().manual_seed(_TIE_SEED), dtype=torch.float64
-    )
+    v = x[starts]
+    inner = starts > 0
+    lo = np.where(inner, (v + x[np.maximum(starts - 1, 0)]) / 2, np.nan)
+    hi = np.where(stops < x.size, (x[np.minimum(stops, x.size - 1)] + v) / 2, np.nan)
+    lo = np.where(inner, lo, 2 * v - hi)  # the first cell mirrors its upper edge
+    hi = np.where(stops < x.size, hi, 2 * v - lo)  # the last cell its lower edge
+    tied = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    run = np.repeat(np.arange(starts.size), lengths)
     # Only tied values move, each inside its own cell, and cells are disjoint and ordered:
     # sorting just the moved values (the cells' order is kept) sorts the whole sample.
-    tied = torch.nonzero(counts[inverse] > 1).squeeze(1)
-    cell = inverse[tied]
-    out = x.clone()
-    out[tied] = _sorted(lo[cell] + u[tied] * width[cell])
+    out = x.copy()
+    out[tied] = np.sort(lo[run] + _tie_uniforms(x.size)[tied] * (hi - lo)[run])
     return out, max_tie
+
+
+@lru_cache(maxsize=4)
+def _tie_uniforms(n: int) -> np.ndarray:
+    """The n uniform draws of ``_spread_ties`` (fixed seed: the same for every sample of n
+    values, so drawn once per size; read-only)."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(_TIE_SEED), dtype=torch.float64)
+    u = u.numpy()
+    u.flags.writeable = False
+    return u
 
 
 def differential_entropy(values: torch.Tensor) -> float:
@@ -97,23 +120,19 @@ def differential_entropy(values: torch.Tensor) -> float:
         entropy in nats per value, or NaN as described above.
     """
     x = values.detach().reshape(-1)
-    if x.dtype != torch.float32:  # float32 stays: _sorted widens it exactly after sorting
+    if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float64)
-    finite = torch.isfinite(x)
-    if not finite.all():
-        x = x[finite]
-    n = x.numel()
-    if n < MIN_FINITE:
-        return float("nan")
-    x = _sorted(x)
-    if not x[-1] > x[0]:
+    x = _sorted_finite(x)
+    n = x.size
+    if n < MIN_FINITE or not x[-1] > x[0]:
         return float("nan")
     x, max_tie = _spread_ties(x)
     if 2 * max_tie > n:
         return float("nan")
     m = _spacing_order(n)
     spacings = x[m:] - x[:-m]
-    return float(torch.log(spacings).mean()) - float(digamma(m)) + float(digamma(n + 1))
+    log_spacing = float(torch.from_numpy(spacings).log().mean())
+    return log_spacing - float(digamma(m)) + float(digamma(n + 1))
 
 
 def gaussian_entropy(variance):
