@@ -343,7 +343,7 @@ def _last(held: deque, k: int) -> list:
     return [held[i] for i in range(max(0, n - k), n)]
 
 
-_CHUNK = 1 << 17  # elements reduced in fp32 before accumulating in float64
+_CHUNK = 1 << 16  # elements reduced in fp32 before accumulating in float64
 
 
 def _moments(flat: torch.Tensor) -> tuple[float, int, float, float]:
