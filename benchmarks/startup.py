@@ -2,10 +2,12 @@
 command to its first measured layer (``first_layer_s``: the progress line "1/N" on stderr) and
 to its exit (``wall_s``), on a 1-checkpoint tiny series where nothing else costs time.
 
-Two ways to run: a fresh local cluster (the default; worker processes forked from the
-preloaded server), and joining a cluster that is already running (``--scheduler``: one
-scheduler and two single-thread workers started from the same code tree beforehand, as a user
-keeps one up between runs). "Before" is the ``pipeline`` package of a git ref (``--base``,
+Three ways to run: a fresh local cluster (worker processes forked from the preloaded server;
+keep-alive off), joining a cluster that is already running (``--scheduler``: one scheduler and
+two single-thread workers started from the same code tree beforehand, as a user keeps one up
+between runs), and keep-alive on, the default since issue 18 ("after" only): a first run that
+launches the resident cluster and joins it, and a next run that joins it
+(``pipeline/measure/resident.py``). "Before" is the ``pipeline`` package of a git ref (``--base``,
 exported with ``git archive``), "after" this checkout; the runs alternate, best of
 ``--repeats`` each.
 
@@ -30,16 +32,23 @@ from benchmarks.kernel import BASE
 FIRST = re.compile(rb"\|\s*1/\d+ \[")  # tqdm's progress bar after the first layer
 
 
-def time_analyze(folder: Path, store: Path, code: Path, scheduler: str | None = None) -> dict:
+def time_analyze(
+    folder: Path, store: Path, code: Path, scheduler: str | None = None, env: dict | None = None
+) -> dict:
     """Seconds from launch to the first measured layer and to exit of `thermoscope analyze`
-    (fresh cache and store) with the ``pipeline`` package of the tree ``code``."""
+    (fresh cache and store) with the ``pipeline`` package of the tree ``code``; ``env``: extra
+    environment (default: resident clusters off, ``THERMOSCOPE_KEEP_ALIVE=0``)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "analyze", str(folder), "--store", str(store)]
     cmd += ["--cache", str(store.with_suffix(".cache"))]
     if scheduler:
         cmd += ["--scheduler", scheduler]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, cwd=code, env=code_env(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        cmd,
+        cwd=code,
+        env={**code_env(code), **(env or {"THERMOSCOPE_KEEP_ALIVE": "0"})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     first, seen = [float("nan")], bytearray()
 
@@ -122,7 +131,30 @@ def before_after(root: Path, base=BASE, repeats=3, head=None) -> dict:
     finally:
         for c in clusters.values():
             c.close()
+    out["resident"] = resident_runs(s.folder, root, trees["after"], repeats)
     return out
+
+
+def resident_runs(folder: Path, root: Path, code: Path, repeats: int) -> dict:
+    """Keep-alive on (the default of `thermoscope analyze`): per repeat, a first run that
+    finds no resident cluster (launches one and joins it) and a next run that joins it; the
+    cluster is stopped after each repeat. Best of ``repeats``."""
+    runs = {"first": [], "next": []}
+    for r in range(repeats):
+        env = {"THERMOSCOPE_KEEP_ALIVE": "60", "THERMOSCOPE_RUNTIME_DIR": str(root / f"rt{r}")}
+        for which in runs:
+            store = root / f"resident-{which}-{r}.zarr"
+            runs[which].append(time_analyze(folder, store, code, env=env))
+        stop = [sys.executable, "-m", "pipeline.cli", "--quiet", "cluster", "stop"]
+        subprocess.run(stop, cwd=code, env={**code_env(code), **env}, check=True)
+    return {
+        which: {
+            "first_layer_s": min(t["first_layer_s"] for t in times),
+            "wall_s": min(t["wall_s"] for t in times),
+            "all": times,
+        }
+        for which, times in runs.items()
+    }
 
 
 def format_before_after(r: dict) -> str:
@@ -135,11 +167,17 @@ def format_before_after(r: dict) -> str:
         for label in ("before", "after"):
             x = r[how][label]
             lines.append(f"  {how:10s} {label:7s} {x['first_layer_s']:13.2f} {x['wall_s']:8.2f}")
+    for which in ("first", "next"):
+        x = r["resident"][which]
+        name = f"resident, {which} run"
+        lines.append(f"  {name:18s} {'after':7s} {x['first_layer_s']:5.2f} {x['wall_s']:8.2f}")
     before = r["fresh"]["before"]["first_layer_s"]
     lines.append(
         f"  to the first layer, vs fresh before: fresh after "
         f"{before / r['fresh']['after']['first_layer_s']:.2f}x faster, running cluster after "
-        f"{before / r['running']['after']['first_layer_s']:.2f}x"
+        f"{before / r['running']['after']['first_layer_s']:.2f}x; resident (keep-alive, the "
+        f"default) first run {before / r['resident']['first']['first_layer_s']:.2f}x, next run "
+        f"{before / r['resident']['next']['first_layer_s']:.2f}x"
     )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The ``thermoscope`` command: analyze, report, check, demo.
+"""The ``thermoscope`` command: analyze, report, check, cluster, demo.
 
 Exit codes: 0 success; 1 findings (``check`` found bad files); 2 bad input or usage (one-line
 message naming the file and the reason); 3 internal error (``--debug`` shows the traceback);
@@ -27,6 +27,7 @@ EPILOG = """examples:
   thermoscope check s3://bucket/run --steps 1000:5000 --layers '*attn*'  # + bytes and time
   thermoscope analyze hf://EleutherAI/pythia-70m --store p.zarr --steps ::10  # Hub revisions
   thermoscope demo data/demo                                    # generate the demo series
+  thermoscope cluster stop                    # close the local cluster runs keep up (300 s idle)
 
 exit codes: 0 ok, 1 check found bad files, 2 bad input, 3 internal error, 130 interrupted
 """
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="local workers as processes (the default, unless params.yaml says otherwise)",
     )
     a.add_argument(
+        "--keep-alive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep the local cluster up this long after the run for the next one to join "
+        "(default 300; 0: off; dask.keep_alive_s)",
+    )
+    a.add_argument(
         "--cache", default=None, help="measurement cache folder (default: next to the store)"
     )
     r = sub.add_parser("report", help="render the HTML report of a store", **common)
@@ -117,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--layers", default=None, help='layers: globs "*attn*,lm_head.weight" or "re:<regex>"'
         )
+    k = sub.add_parser("cluster", help="the resident local cluster runs leave up", **common)
+    k.add_argument("action", choices=["stop"], help="stop: close every resident cluster now")
     d = sub.add_parser("demo", help="generate the demo series (real training on digits)", **common)
     d.add_argument("root", nargs="?", default="data/demo")
     return p
@@ -144,6 +155,7 @@ def _settings(args):
             scheduler_address=args.scheduler or settings.dask.scheduler_address,
             n_workers=args.workers or settings.dask.n_workers,
             processes=processes,
+            keep_alive_s=settings.dask.keep_alive_s if args.keep_alive is None else args.keep_alive,
         ),
     )
 
@@ -204,13 +216,25 @@ def _check(args, progress) -> dict:
     return out
 
 
+def _cluster(args, progress) -> dict:
+    from pipeline.measure.resident import stop_all
+
+    return {"stopped": stop_all()}
+
+
 def _demo(args, progress) -> dict:
     from pipeline.demo import make_demo
 
     return {"demo": str(make_demo(args.root))}
 
 
-COMMANDS = {"analyze": _analyze, "report": _report, "check": _check, "demo": _demo}
+COMMANDS = {
+    "analyze": _analyze,
+    "report": _report,
+    "check": _check,
+    "cluster": _cluster,
+    "demo": _demo,
+}
 
 
 def main(argv=None) -> int:

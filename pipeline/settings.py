@@ -125,6 +125,17 @@ class ClusterSettings:
     gpu: str = "auto"
     # local workers as processes forked from a preloaded server (True), or threads (False)
     processes: bool = True
+    # seconds a local cluster of worker processes stays up after its last task, for the next
+    # run to join (measure/resident.py); 0: none; None: 300
+    keep_alive_s: float | None = None
+
+    @property
+    def keep_alive(self) -> float:
+        """Seconds (0: off): ``THERMOSCOPE_KEEP_ALIVE`` when set (a test harness or CI turns
+        resident clusters off for every command it runs), else ``keep_alive_s``, else 300."""
+        if os.environ.get("THERMOSCOPE_KEEP_ALIVE"):
+            return float(os.environ["THERMOSCOPE_KEEP_ALIVE"])
+        return 300.0 if self.keep_alive_s is None else float(self.keep_alive_s)
 
     @property
     def address(self) -> str | None:

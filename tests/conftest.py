@@ -11,6 +11,9 @@ import pytest
 # bytes read from remote series (tests/test_remote.py) are cached here, not in ~/.cache; set
 # before any worker process or forkserver starts, so every worker sees it
 os.environ.setdefault("THERMOSCOPE_CACHE", tempfile.mkdtemp(prefix="thermoscope-remote-"))
+# no command a test runs leaves a resident cluster up (tests/test_resident.py turns it on)
+os.environ["THERMOSCOPE_KEEP_ALIVE"] = "0"
+os.environ["THERMOSCOPE_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="thermoscope-runtime-")
 
 
 @pytest.fixture(scope="session")

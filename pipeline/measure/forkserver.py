@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,8 +108,23 @@ def _replace_foreign(server: multiprocessing.forkserver.ForkServer, pid: int) ->
 
 
 def start_early(cluster: ClusterSettings) -> None:
-    """``start`` when this run will fork local worker processes (not for thread workers, nor
-    when joining a scheduler): ``ClusterSettings.forks_local_workers``. Light: the settings
-    need neither torch nor Dask imported."""
-    if cluster.forks_local_workers:
+    """As early as possible in a run: launch the resident cluster it will join
+    (``resident.launch``, when keep-alive is on) or ``start`` the server it will fork local
+    worker processes from (not for thread workers, nor when joining a scheduler:
+    ``ClusterSettings.forks_local_workers``). Light: neither torch nor Dask imported."""
+    from pipeline.measure import resident
+
+    if resident.uses_resident(cluster):
+        resident.launch(cluster)
+    elif cluster.forks_local_workers:
         start()
+
+
+def cuda_visible() -> bool:
+    """``torch.cuda.is_available()``, without importing torch on a Linux machine that has no
+    NVIDIA device node (no driver: CUDA cannot be available there)."""
+    if sys.platform.startswith("linux") and not os.path.exists("/dev/nvidiactl"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()

@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 
 import dask
 from distributed import Client, LocalCluster, as_completed
 
 from pipeline.core.errors import InputError
-from pipeline.measure import forkserver
+from pipeline.measure import forkserver, resident
 from pipeline.measure.tasks import BlockTask
 from pipeline.settings import ClusterSettings, MeasureSettings
 
@@ -28,7 +27,7 @@ from pipeline.settings import ClusterSettings, MeasureSettings
 def check_device(device: str, settings: ClusterSettings) -> None:
     """Fail before any work, with a clear line, when ``measure.device`` names CUDA and the local
     cluster would have none (the workers of an existing cluster may: not checked there)."""
-    if device.startswith("cuda") and not settings.address and not _cuda_visible():
+    if device.startswith("cuda") and not settings.address and not forkserver.cuda_visible():
         raise InputError(
             "params.yaml",
             f"measure.device is '{device}' but no CUDA device is visible here "
@@ -40,6 +39,8 @@ def check_device(device: str, settings: ClusterSettings) -> None:
 def dask_client(settings: ClusterSettings) -> Iterator[Client]:
     """A connected client; a cluster started here is closed on exit."""
     address = settings.address
+    if not address and resident.uses_resident(settings):
+        address = resident.address(settings)  # None: it could not start (a local one does)
     if address:
         with Client(address) as client:
             yield client
@@ -66,9 +67,13 @@ def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _local_cluster(settings: ClusterSettings):
+def _local_cluster(settings: ClusterSettings, idle_timeout: str | None = None):
+    """The local cluster ``settings`` describe; ``idle_timeout`` (Dask duration): its scheduler
+    closes after that long without work (a resident cluster, ``resident.serve``)."""
     quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
-    if settings.gpu != "off" and _cuda_visible():
+    if idle_timeout:
+        quiet["scheduler_kwargs"] = {"idle_timeout": idle_timeout}
+    if settings.gpu != "off" and forkserver.cuda_visible():
         try:
             from dask_cuda import LocalCUDACluster  # extra `gpu`
         except (
@@ -127,16 +132,6 @@ def _finalize_layer(blocks: list[dict]) -> dict:
     from pipeline.measure.kernel import finalize_layer
 
     return finalize_layer(blocks)
-
-
-def _cuda_visible() -> bool:
-    """``torch.cuda.is_available()``, without importing torch on a Linux machine that has no
-    NVIDIA device node (no driver: CUDA cannot be available there)."""
-    if sys.platform.startswith("linux") and not os.path.exists("/dev/nvidiactl"):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def dashboard_link(client: Client) -> str | None:

@@ -1,0 +1,214 @@
+"""A local cluster that outlives one command, so the next run joins it instead of starting one.
+
+Starting a local cluster costs each run its worker processes' imports (torch, Dask: ~1 s on
+the critical path even when forked from a preloaded server, ``forkserver``); joining a running
+one costs a connection (~0.3 s from launch to the first task). With ``dask.keep_alive_s`` > 0
+(default 300) a run that would start a local cluster of worker processes instead looks for a
+resident cluster started by an earlier run with the same key; when there is none it launches
+one (``serve``: a detached process that runs the same ``LocalCluster`` the run would have
+started, forked workers included) and joins it. The resident scheduler closes itself after
+``keep_alive_s`` seconds without work (Dask's ``idle_timeout``), and the process exits with it;
+``thermoscope cluster stop`` closes it at once.
+
+The key covers what a worker runs and how: this interpreter, the source of every file of the
+``pipeline`` package (an edited or upgraded tree never joins workers running older code),
+the cluster settings and the variables that choose devices and threads. State lives in
+``$THERMOSCOPE_RUNTIME_DIR`` (default ``$XDG_RUNTIME_DIR/thermoscope`` or
+``~/.cache/thermoscope/clusters``): ``<key>.json`` (pid, address once ready) and
+``<key>.log``. Like every local Dask cluster it listens on 127.0.0.1 without authentication;
+it just stays up longer. Not used for thread workers, when joining a given scheduler, or where
+CUDA is visible (GPU workers: untested here). Light: stdlib only until a cluster is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.core.code import PACKAGE_DIR
+
+if TYPE_CHECKING:
+    from pipeline.settings import ClusterSettings
+
+READY_TIMEOUT_S = 60.0  # a resident that is not ready by then is given up (a local one starts)
+_launched: list[subprocess.Popen] = []
+_ENV_KEYS = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "THERMOSCOPE_CACHE")
+
+
+def runtime_dir() -> Path:
+    """Where resident clusters leave their state files and logs (created private, 0700)."""
+    base = os.environ.get("THERMOSCOPE_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = Path(xdg) / "thermoscope" if xdg else Path.home() / ".cache/thermoscope/clusters"
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def cluster_key(settings: ClusterSettings) -> str:
+    """Hex digest of what a resident cluster's workers run and how (see the module text)."""
+    h = hashlib.sha256()
+    h.update(sys.executable.encode())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE_DIR)).encode())
+        h.update(path.read_bytes())
+    fields = dataclasses.asdict(settings)
+    fields.pop("keep_alive_s", None)  # how long it stays up does not change what it runs
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    h.update(json.dumps({k: os.environ.get(k) for k in _ENV_KEYS}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def uses_resident(settings: ClusterSettings) -> bool:
+    """True when this run should join (or launch) a resident cluster: it would start local
+    worker processes, keep-alive is on, and no CUDA device is visible."""
+    from pipeline.measure.forkserver import cuda_visible
+
+    return settings.forks_local_workers and settings.keep_alive > 0 and not cuda_visible()
+
+
+def launch(settings: ClusterSettings) -> Path:
+    """Make sure a resident cluster for ``settings`` runs or is starting; return its state
+    file. Returns at once: ``address`` waits for it. Under a file lock, so two runs started
+    together launch one."""
+    key = cluster_key(settings)
+    state = runtime_dir() / f"{key}.json"
+    with _locked(state.with_suffix(".lock")):
+        if _alive(_read(state).get("pid")):
+            return state
+        log = state.with_suffix(".log").open("ab")
+        cmd = [sys.executable, "-m", "pipeline.measure.resident", str(state)]
+        cmd.append(json.dumps(dataclasses.asdict(settings)))
+        env = {**os.environ, "PYTHONPATH": _pythonpath()}
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+            start_new_session=True,  # not in this terminal's process group: outlives it
+        )  # fmt: skip
+        log.close()
+        _launched.append(proc)  # held: no "still running" warning when this process exits
+        _write(state, {"pid": proc.pid, "address": None, "key": key})
+        logging.getLogger(__name__).warning(
+            "starting a local Dask cluster that stays up %.0f s after its last task for the "
+            "next run (dask.keep_alive_s; stop it with `thermoscope cluster stop`)",
+            settings.keep_alive,
+        )
+    return state
+
+
+def address(settings: ClusterSettings) -> str | None:
+    """The scheduler address of the resident cluster for ``settings`` (launched when none
+    runs), once it accepts clients; None when it could not be started (the caller then
+    starts a local cluster as without keep-alive; the reason is in its log)."""
+    state = launch(settings)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = _read(state)
+        if info.get("address"):
+            return info["address"]
+        if not _alive(info.get("pid")):
+            break
+        time.sleep(0.02)
+    logging.getLogger(__name__).warning(
+        "the resident Dask cluster did not start (see %s): starting a local one",
+        state.with_suffix(".log"),
+    )
+    return None
+
+
+def stop_all() -> int:
+    """Close every resident cluster of this user (``thermoscope cluster stop``); the count."""
+    from distributed import Client
+
+    stopped = 0
+    for state in runtime_dir().glob("*.json"):
+        info = _read(state)
+        if info.get("address") and _alive(info.get("pid")):
+            with contextlib.suppress(OSError, TimeoutError):
+                with Client(info["address"], timeout="5s") as client:
+                    client.shutdown()
+                stopped += 1
+        state.unlink(missing_ok=True)
+    return stopped
+
+
+def serve(state: Path, settings: ClusterSettings) -> None:
+    """The resident process: start the local cluster ``settings`` describe with an idle
+    timeout of ``keep_alive_s``, publish its address in ``state``, exit when it closes."""
+    from pipeline.measure import forkserver
+    from pipeline.measure.parallel import _local_cluster
+
+    forkserver.start()
+    cluster = _local_cluster(settings, idle_timeout=f"{settings.keep_alive}s")
+    _write(state, {"pid": os.getpid(), "address": cluster.scheduler_address, "key": state.stem})
+    try:
+        while cluster.scheduler.status.name not in ("closing", "closed"):
+            time.sleep(0.5)
+    finally:
+        if _read(state).get("pid") == os.getpid():
+            state.unlink(missing_ok=True)
+        for child in multiprocessing.active_children():  # worker processes still up, if any
+            child.terminate()
+        os._exit(0)  # the scheduler is gone: Dask's cluster close would wait ~15 s for it
+
+
+def _pythonpath() -> str:
+    """The caller's PYTHONPATH with this ``pipeline`` package's parent first, so the resident
+    process imports the same tree whatever its working directory."""
+    parts = [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in parts if p)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    return True
+
+
+def _read(state: Path) -> dict:
+    try:
+        return json.loads(state.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(state: Path, info: dict) -> None:
+    """Atomic: a reader sees the old content or the new, never half of it."""
+    tmp = state.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, state)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":  # python -m pipeline.measure.resident STATE SETTINGS_JSON
+    from pipeline.settings import ClusterSettings
+
+    serve(Path(sys.argv[1]), ClusterSettings(**json.loads(sys.argv[2])))
