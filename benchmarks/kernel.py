@@ -33,6 +33,7 @@ from benchmarks.common import (
     run_analyze,
 )
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 BASE = "171cd1e"  # main just before issue 18's kernel changes (fcfbc5a; benchmarks/RESULTS.md)
 
 
@@ -80,7 +81,7 @@ class _Child:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", boot],
             cwd=code,
-            env=code_env(code),
+            env={**code_env(code), **ONE_THREAD},  # per core: torch, OpenMP and BLAS pools
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "--spectral", action="store_true", help="also SVD metrics (spectral entropy, stable rank)"
     )
     a.add_argument(
+        "--spectral-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --spectral (implied): spectra at every K-th checkpoint of a run only "
+        "(K times fewer; NaN between; measure.spectral_every)",
+    )
+    a.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable checkpoints, record why"
     )
     a.add_argument(
@@ -149,7 +157,11 @@ def _settings(args):
             steps=args.steps or settings.checkpoints.steps,
             layers=args.layers or settings.checkpoints.layers,
         ),
-        measure=replace(settings.measure, spectral=args.spectral or settings.measure.spectral),
+        measure=replace(
+            settings.measure,
+            spectral=args.spectral or bool(args.spectral_every) or settings.measure.spectral,
+            spectral_every=args.spectral_every or settings.measure.spectral_every,
+        ),
         dask=replace(
             settings.dask,
             scheduler_address=args.scheduler or settings.dask.scheduler_address,

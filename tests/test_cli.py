@@ -427,3 +427,17 @@ def test_help_shows_examples_and_exit_codes(command):
         assert code in r.stdout
     for option in ("--debug", "--quiet", "--json-log"):
         assert option in r.stdout
+
+
+def test_spectral_every_implies_spectral_and_spaces_the_spectra(tmp_path):
+    """``--spectral-every 2``: spectra (2-D layers) at checkpoints 0, 2, 4, ... of the run and
+    NaN between, without ``--spectral`` on the line; recorded in the store's attributes."""
+    cf.write_flat(tmp_path / "run", range(0, 60, 10))
+    r = thermoscope("analyze", tmp_path / "run", "--store", tmp_path / "s.zarr", "--quiet",
+                    "--spectral-every", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tree = xr.open_datatree(tmp_path / "s.zarr", engine="zarr")
+    ds = tree["run"].to_dataset()
+    entropy = ds.spectral_entropy.sel(layer="layers.2.weight").values
+    assert np.isfinite(entropy[::2]).all() and np.isnan(entropy[1::2]).all()
+    assert tree.attrs["spectral"] == 1 and tree.attrs["spectral_every"] == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -63,29 +64,29 @@ def gram_update(gram: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
 
     Summed over all row blocks this is W^T W (n_cols x n_cols), from which the singular values
     follow without holding W. A >2-D block is reshaped to (shape[0], -1), i.e. its leading
-    dimension is the row dimension. Memory: 8 * n_cols^2 bytes.
+    dimension is the row dimension. Memory: 8 * n_cols^2 bytes. On the CPU through numpy,
+    whose ``B.T @ B`` is one symmetric rank-k update (BLAS ``syrk``: half the multiply-adds of
+    a GEMM, one triangle mirrored, so the result is exactly symmetric).
     """
     b = as_matrix(block).to(torch.float64)
-    update = symmetric_gram(b)
+    update = _syrk(b)
     return update if gram is None else gram + update
 
 
-def symmetric_gram(b: torch.Tensor, panels: int = 6) -> torch.Tensor:
-    """B^T B computed as its upper triangle of column panels, mirrored: panel i of the
-    columns times columns i.. (one GEMM per panel), so ~(panels + 1) / (2 panels) of the
-    multiply-adds of the full product (58% for 6 panels: 1.6x faster measured on a
-    4608 x 1152 float64 block). Each entry is the same dot product as in ``b.T @ b`` by the
-    same GEMM kernel (equal to it to rounding); the upper triangle is mirrored, so the result
-    is exactly symmetric."""
-    k = b.shape[1]
-    gram = torch.empty((k, k), dtype=b.dtype, device=b.device)
-    edges = [round(i * k / panels) for i in range(panels + 1)]
-    for a, z in zip(edges, edges[1:]):
-        if z > a:
-            strip = b[:, a:z].T @ b[:, a:]
-            gram[a:z, a:] = strip
-            gram[a:, a:z] = strip.T
-    return torch.triu(gram) + torch.triu(gram, 1).T  # diagonal panels: their upper triangle
+def _syrk(b: torch.Tensor) -> torch.Tensor:
+    """B^T B in B's dtype: numpy's ``syrk`` on the CPU, torch's GEMM elsewhere."""
+    if b.device.type != "cpu":
+        return b.T @ b
+    a = b.detach().numpy()
+    return torch.from_numpy(a.T @ a)
+
+
+def _eigvalsh(gram: torch.Tensor) -> torch.Tensor:
+    """Ascending eigenvalues of a symmetric matrix: LAPACK through numpy on the CPU (OpenBLAS's
+    ``syevd``: 1.7x torch's on a 1152-wide float64 matrix on one core), torch elsewhere."""
+    if gram.device.type != "cpu":
+        return torch.linalg.eigvalsh(gram)
+    return torch.from_numpy(np.linalg.eigvalsh(gram.detach().numpy()))
 
 
 def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,7 @@ def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
     n_cols - n_rows values are (numerically) 0; they do not change the metrics.
     """
     g = gram.to(torch.float64)
-    g = (g + g.T) / 2
-    evals = torch.linalg.eigvalsh(g)
+    evals = _eigvalsh(g)  # reads the lower triangle only: no symmetrising pass
     floor = g.shape[0] * _EPS64 * float(evals.max().clamp(min=0))
     evals = torch.where(evals > floor, evals, torch.zeros_like(evals))
     return torch.sqrt(evals).flip(0)
@@ -115,12 +115,17 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
 
 def singular_values_via_gram(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, float64) of a tensor viewed as (shape[0], -1), from the
-    float64 Gram matrix of its smaller side (``singular_values_from_gram``): one GEMM and a
+    float64 Gram matrix of its smaller side (``singular_values_from_gram``): one ``syrk`` and a
     symmetric eigensolve, 1.6-9x faster than ``svdvals`` on the benchmark's layer shapes.
     When the Gram path cannot resolve every singular value (one falls below its floor
     ~sqrt(k eps) max(s), k = smaller side: a numerically low-rank matrix, e.g. a rank-3
     product stored in fp32), the rank count would differ from WeightWatcher's, so ``svdvals``
-    of the tall orientation is used instead. Returns min(shape) values."""
+    of the tall orientation is used instead. Returns min(shape) values.
+
+    Not used (measured, benchmarks/RESULTS.md issue 18): an fp32 Gram, 2x faster to form, moves
+    the largest eigenvalue of a flat spectrum by up to ~5e-7 (stable rank of a tall orthonormal
+    matrix), too close to the 1e-6 agreement with WeightWatcher this path promises.
+    """
     m = as_matrix(matrix)
     tall = m if m.shape[0] >= m.shape[1] else m.T
     s = singular_values_from_gram(gram_update(None, tall))

@@ -45,24 +45,27 @@ def dask_client(settings: ClusterSettings) -> Iterator[Client]:
         with Client(address) as client:
             yield client
         return
-    with _local_cluster(settings) as cluster, _torch_threads(settings), Client(cluster) as client:
+    with _local_cluster(settings) as cluster, _one_thread_per_task(settings), Client(cluster) as client:
         yield client
 
 
 @contextlib.contextmanager
-def _torch_threads(settings: ClusterSettings) -> Iterator[None]:
-    """Thread workers share this process's torch: one intra-op thread per task while they run,
-    as worker processes have (else each concurrent task starts an OpenMP team of all cores,
-    and the cores are oversubscribed)."""
+def _one_thread_per_task(settings: ClusterSettings) -> Iterator[None]:
+    """Thread workers share this process's torch and BLAS: one intra-op thread per task while
+    they run, as worker processes have (else each concurrent task starts an OpenMP or OpenBLAS
+    team of all cores, e.g. numpy's ``syrk`` of a spectrum, and the cores are
+    oversubscribed)."""
     if settings.processes:
         yield
         return
     import torch
+    from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1):
+            yield
     finally:
         torch.set_num_threads(before)
 
