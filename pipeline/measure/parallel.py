@@ -45,7 +45,11 @@ def dask_client(settings: ClusterSettings) -> Iterator[Client]:
         with Client(address) as client:
             yield client
         return
-    with _local_cluster(settings) as cluster, _one_thread_per_task(settings), Client(cluster) as client:
+    with (
+        _local_cluster(settings) as cluster,
+        _one_thread_per_task(settings),
+        Client(cluster) as client,
+    ):
         yield client
 
 
