@@ -248,8 +248,9 @@ def run_analyze(
 
 
 def code_env(code: Path) -> dict:
-    """The environment of a subprocess that must import ``pipeline`` from the tree ``code``."""
-    return {**os.environ, "PYTHONPATH": str(code)}
+    """The environment of a subprocess that must import ``pipeline`` from the tree ``code``;
+    resident clusters off (each timed run starts its own; ``startup.py`` times them apart)."""
+    return {**os.environ, "PYTHONPATH": str(code), "THERMOSCOPE_KEEP_ALIVE": "0"}
 
 
 def export_tree(ref: str, into: Path) -> Path:

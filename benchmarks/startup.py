@@ -37,7 +37,7 @@ def time_analyze(
 ) -> dict:
     """Seconds from launch to the first measured layer and to exit of `thermoscope analyze`
     (fresh cache and store) with the ``pipeline`` package of the tree ``code``; ``env``: extra
-    environment (default: resident clusters off, ``THERMOSCOPE_KEEP_ALIVE=0``)."""
+    environment (``code_env`` turns resident clusters off)."""
     cmd = [sys.executable, "-m", "pipeline.cli", "analyze", str(folder), "--store", str(store)]
     cmd += ["--cache", str(store.with_suffix(".cache"))]
     if scheduler:
@@ -46,7 +46,7 @@ def time_analyze(
     proc = subprocess.Popen(
         cmd,
         cwd=code,
-        env={**code_env(code), **(env or {"THERMOSCOPE_KEEP_ALIVE": "0"})},
+        env={**code_env(code), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
