@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
 from pathlib import Path
 
 from pipeline.core.manifest import Manifest
@@ -38,12 +40,36 @@ def analyze(
     if manifest is None:
         manifest = select(discover(path, skip_bad, base_model, lora_raw), steps, layers)
     cache_dir = cache_dir or Path(store).with_name(f".{Path(store).name}.cache")
-    results = measure_manifest(manifest, measure, cluster, cache_dir, progress)
-    # imported once measured: xarray, zarr and the thermo code (torch via the estimators) are
-    # not needed to reach the first task, and a run that fails early never loads them
+    # xarray, zarr and the thermo code (torch via the estimators) are not needed to reach the
+    # first task: imported beside the measurement once its first layer is in (this process
+    # then mostly waits on the workers; earlier, the imports would delay the first task)
+    importing = threading.Thread(target=_import_derive_modules, name="import-thermo", daemon=True)
+
+    def progress_and_import(what: str, done: int, total: int) -> None:
+        if done and not importing.is_alive() and importing.ident is None:
+            importing.start()
+        if progress:
+            progress(what, done, total)
+
+    results = measure_manifest(manifest, measure, cluster, cache_dir, progress_and_import)
+    if importing.ident is not None:
+        importing.join()
     from pipeline.measure.dataset import measured_tree
     from pipeline.store.zarr_io import write_tree
     from pipeline.thermo.derive import derive
 
     tree = derive(measured_tree(manifest, results, measure), thermo_settings(thermo_params))
     return write_tree(tree, store)
+
+
+DERIVE_MODULES = ("pipeline.measure.dataset", "pipeline.store.zarr_io", "pipeline.thermo.derive")
+
+
+def _import_derive_modules() -> None:
+    """Import what turns measurements into the store (an import error surfaces at the import
+    after the measurement, with its traceback)."""
+    for name in DERIVE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - re-raised by the import in analyze()
+            return
