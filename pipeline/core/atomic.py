@@ -18,6 +18,22 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def process_alive(pid: int) -> bool:
+    """True when a process with this id runs (an exited one not yet reaped, a zombie, does
+    not): whether the writer of a leftover temporary file, or a resident cluster, is still
+    there."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # state: the field after the command name, which may itself hold ") "
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1][:1] != "Z"
+    except OSError:  # no /proc (macOS): kill(0) is the answer
+        return True
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Replace folder ``path`` by the finished folder ``tmp`` with renames only; the old one is
     kept aside (``.<name>.old-*``) until the new one is in place, then removed."""

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.core.atomic import process_alive, write_text
 from pipeline.core.code import PACKAGE_DIR
 
 if TYPE_CHECKING:
@@ -171,17 +172,7 @@ def _pythonpath() -> str:
 
 
 def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    return True
+    return isinstance(pid, int) and process_alive(pid)
 
 
 def _read(state: Path) -> dict:
@@ -193,9 +184,7 @@ def _read(state: Path) -> dict:
 
 def _write(state: Path, info: dict) -> None:
     """Atomic: a reader sees the old content or the new, never half of it."""
-    tmp = state.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, state)
+    write_text(state, json.dumps(info))
 
 
 @contextlib.contextmanager

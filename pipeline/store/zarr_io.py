@@ -15,7 +15,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from pipeline.core.atomic import replace_dir
+from pipeline.core.atomic import process_alive, replace_dir
 from pipeline.core.reasons import REASON_TABLES, reason_attrs
 from pipeline.store.schema import VARIABLES
 
@@ -67,21 +67,11 @@ def _clean_leftovers(path: Path) -> None:
     writer killed between its two renames left aside."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         pid = leftover.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
     olds = sorted(path.parent.glob(f".{path.name}.old-*"))
     if olds and not path.exists():
         os.replace(olds[-1], path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
 
 
 def open_tree(path) -> xr.DataTree:
