@@ -3,8 +3,9 @@ subprocesses, a real detached Dask cluster, real stores.
 
 A run with keep-alive on launches the resident cluster and joins it; the next run joins the
 same process (no new one) and writes the same store as a run with keep-alive off; ``cluster
-stop`` and the idle timeout each end it (and its worker processes); settings or code that differ
-give another key, so a run never joins workers that run other code.
+stop`` and the idle timeout each end it (and its worker processes), but never while a client
+is connected; settings or code that differ give another key, so a run never joins workers
+that run other code.
 """
 
 from __future__ import annotations
@@ -130,3 +131,18 @@ def test_keep_alive_is_off_for_thread_workers_and_given_schedulers(monkeypatch):
     assert not resident.uses_resident(ClusterSettings(scheduler_address="tcp://127.0.0.1:1"))
     monkeypatch.setenv("THERMOSCOPE_KEEP_ALIVE", "0")
     assert not resident.uses_resident(ClusterSettings(keep_alive_s=60))  # the harness wins
+
+
+def test_a_joined_client_is_never_closed_under(tmp_path, monkeypatch):
+    """Keep-alive 1 s, a client joined and silent for 3 s: the resident stays (idle means no
+    client as well as no work), runs the client's task, and closes once the client leaves."""
+    monkeypatch.setenv("THERMOSCOPE_KEEP_ALIVE", "1")
+    monkeypatch.setenv("THERMOSCOPE_RUNTIME_DIR", str(tmp_path))
+    settings = ClusterSettings(n_workers=1)
+    client = resident.client(settings)
+    assert client is not None
+    pid = _state(tmp_path)["pid"]
+    with client:
+        time.sleep(3.0)
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+    assert _gone(pid, within=30)

@@ -39,14 +39,17 @@ def check_device(device: str, settings: ClusterSettings) -> None:
 def dask_client(settings: ClusterSettings) -> Iterator[Client]:
     """A connected client; a cluster started here is closed on exit."""
     address = settings.address
-    if not address and resident.uses_resident(settings):
-        address = resident.address(settings)  # None: it could not start (a local one does)
     if address:
         with Client(address) as client:
             yield client
         return
+    joined = resident.client(settings) if resident.uses_resident(settings) else None
+    if joined is not None:
+        with joined:
+            yield joined
+        return
     with (
-        _local_cluster(settings) as cluster,
+        local_cluster(settings) as cluster,
         _one_thread_per_task(settings),
         Client(cluster) as client,
     ):
@@ -74,12 +77,9 @@ def _one_thread_per_task(settings: ClusterSettings) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _local_cluster(settings: ClusterSettings, idle_timeout: str | None = None):
-    """The local cluster ``settings`` describe; ``idle_timeout`` (Dask duration): its scheduler
-    closes after that long without work (a resident cluster, ``resident.serve``)."""
+def local_cluster(settings: ClusterSettings):
+    """The local cluster ``settings`` describe (for this run, or resident: ``resident.serve``)."""
     quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
-    if idle_timeout:
-        quiet["scheduler_kwargs"] = {"idle_timeout": idle_timeout}
     if settings.gpu != "off" and forkserver.cuda_visible():
         try:
             from dask_cuda import LocalCUDACluster  # extra `gpu`

@@ -6,9 +6,10 @@ one costs a connection (~0.3 s from launch to the first task). With ``dask.keep_
 (default 300) a run that would start a local cluster of worker processes instead looks for a
 resident cluster started by an earlier run with the same key; when there is none it launches
 one (``serve``: a detached process that runs the same ``LocalCluster`` the run would have
-started, forked workers included) and joins it. The resident scheduler closes itself after
-``keep_alive_s`` seconds without work (Dask's ``idle_timeout``), and the process exits with it;
-``thermoscope cluster stop`` closes it at once.
+started, forked workers included) and joins it. The resident closes after ``keep_alive_s``
+seconds with no client connected and no task held, and the process exits with it;
+``thermoscope cluster stop`` closes it at once. A run that cannot join (it never started, or
+it closed in between) starts its own local cluster as without keep-alive.
 
 The key covers what a worker runs and how: this interpreter, the source of every file of the
 ``pipeline`` package (an edited or upgraded tree never joins workers running older code),
@@ -128,6 +129,21 @@ def address(settings: ClusterSettings) -> str | None:
     return None
 
 
+def client(settings: ClusterSettings):
+    """A ``distributed.Client`` of the resident cluster for ``settings`` (launched when none
+    runs), or None when there is none to join: the caller starts a local cluster."""
+    from distributed import Client
+
+    joined = address(settings)
+    if joined is None:
+        return None
+    try:
+        return Client(joined, timeout="10s")
+    except (OSError, TimeoutError) as exc:  # closed between reading its address and now
+        logging.getLogger(__name__).warning("could not join the resident cluster (%s)", exc)
+        return None
+
+
 def stop_all() -> int:
     """Close every resident cluster of this user (``thermoscope cluster stop``); the count."""
     from distributed import Client
@@ -145,23 +161,43 @@ def stop_all() -> int:
 
 
 def serve(state: Path, settings: ClusterSettings) -> None:
-    """The resident process: start the local cluster ``settings`` describe with an idle
-    timeout of ``keep_alive_s``, publish its address in ``state``, exit when it closes."""
+    """The resident process: start the local cluster ``settings`` describe, publish its address
+    in ``state``, and close it once no client has been connected and no task held for
+    ``keep_alive`` seconds (or when ``thermoscope cluster stop`` shuts it down). Idle means no
+    client as well as no work, so a run that has joined is never closed under."""
     from pipeline.measure import forkserver
-    from pipeline.measure.parallel import _local_cluster
+    from pipeline.measure.parallel import local_cluster
 
     forkserver.start()
-    cluster = _local_cluster(settings, idle_timeout=f"{settings.keep_alive}s")
-    _write(state, {"pid": os.getpid(), "address": cluster.scheduler_address, "key": state.stem})
+    cluster = local_cluster(settings)
+    info = {"pid": os.getpid(), "address": cluster.scheduler_address, "key": state.stem}
+    _write(state, info)
+    scheduler, idle_since = cluster.scheduler, time.monotonic()
     try:
-        while cluster.scheduler.status.name not in ("closing", "closed"):
+        while scheduler.status.name not in ("closing", "closed"):
             time.sleep(0.5)
+            if _in_use(scheduler):
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > settings.keep_alive:
+                state.unlink(missing_ok=True)  # no new run joins from here on
+                time.sleep(1.0)  # one that read the address just before may be connecting
+                if not _in_use(scheduler):
+                    with contextlib.suppress(Exception):
+                        cluster.close(timeout=5)
+                    break
+                _write(state, info)  # it did: serve on
     finally:
         if _read(state).get("pid") == os.getpid():
             state.unlink(missing_ok=True)
         for child in multiprocessing.active_children():  # worker processes still up, if any
             child.terminate()
-        os._exit(0)  # the scheduler is gone: Dask's cluster close would wait ~15 s for it
+        os._exit(0)  # Dask's own teardown would wait ~15 s for a scheduler already gone
+
+
+def _in_use(scheduler) -> bool:
+    """A client is connected (besides the scheduler's own fire-and-forget one) or tasks are
+    held. Read from this thread while the scheduler runs in its loop's: two sizes, no state."""
+    return len(scheduler.clients) > 1 or len(scheduler.tasks) > 0
 
 
 def _pythonpath() -> str:
