@@ -125,8 +125,8 @@ class ClusterSettings:
     gpu: str = "auto"
     # local workers as processes forked from a preloaded server (True), or threads (False)
     processes: bool = True
-    # seconds a local cluster of worker processes stays up after its last task, for the next
-    # run to join (measure/resident.py); 0: none; None: 300
+    # seconds a local cluster of worker processes stays up after the last run left it, for the
+    # next run to join (measure/resident.py); 0: none; None: 300
     keep_alive_s: float | None = None
 
     @property
