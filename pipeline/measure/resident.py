@@ -102,8 +102,8 @@ def launch(settings: ClusterSettings) -> Path:
         _launched.append(proc)  # held: no "still running" warning when this process exits
         _write(state, {"pid": proc.pid, "address": None, "key": key})
         logging.getLogger(__name__).warning(
-            "starting a local Dask cluster that stays up %.0f s after its last task for the "
-            "next run (dask.keep_alive_s; stop it with `thermoscope cluster stop`)",
+            "starting a local Dask cluster that stays up %.0f s after the last run leaves it, "
+            "for the next one (dask.keep_alive_s; stop it with `thermoscope cluster stop`)",
             settings.keep_alive,
         )
     return state
