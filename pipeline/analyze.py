@@ -46,7 +46,7 @@ def analyze(
     importing = threading.Thread(target=_import_derive_modules, name="import-thermo", daemon=True)
 
     def progress_and_import(what: str, done: int, total: int) -> None:
-        if done and not importing.is_alive() and importing.ident is None:
+        if done and importing.ident is None:  # not started yet
             importing.start()
         if progress:
             progress(what, done, total)
