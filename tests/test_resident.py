@@ -80,7 +80,7 @@ def test_the_next_run_joins_the_resident_cluster_and_writes_the_same_store(serie
     assert not runtime.exists()  # keep-alive off: nothing resident
     _run(on, "analyze", series, "--store", tmp_path / "first.zarr")
     first = _state(runtime)
-    assert first["address"].startswith("tcp://127.0.0.1:") and resident._alive(first["pid"])
+    assert first["address"].startswith("tls://127.0.0.1:") and resident._alive(first["pid"])
     workers = _descendants(first["pid"])
     try:
         _run(on, "analyze", series, "--store", tmp_path / "next.zarr", "--cache", tmp_path / "c")
@@ -146,3 +146,28 @@ def test_a_joined_client_is_never_closed_under(tmp_path, monkeypatch):
         time.sleep(3.0)
         assert client.submit(sum, [1, 2]).result(timeout=30) == 3
     assert _gone(pid, within=30)
+
+
+def test_only_a_client_with_the_certificate_joins(tmp_path, monkeypatch):
+    """The resident cluster speaks TLS with a certificate made at its start and kept in this
+    user's 0700 runtime folder: a client without it (another local user) cannot connect, one
+    with it can."""
+    from distributed import Client
+    from distributed.security import Security
+
+    monkeypatch.setenv("THERMOSCOPE_KEEP_ALIVE", "30")
+    monkeypatch.setenv("THERMOSCOPE_RUNTIME_DIR", str(tmp_path / "runtime"))
+    settings = ClusterSettings(n_workers=1)
+    info = resident.ready(settings)
+    try:
+        assert (tmp_path / "runtime").stat().st_mode & 0o777 == 0o700
+        with pytest.raises((OSError, TimeoutError)):
+            Client(info["address"].replace("tls://", "tcp://"), timeout="3s")
+        stranger = Security.temporary()  # TLS with a certificate of its own
+        with pytest.raises((OSError, TimeoutError)):
+            Client(info["address"], timeout="3s", security=stranger)
+        with Client(info["address"], timeout="10s", security=resident._client_security(info)):
+            pass
+    finally:
+        assert resident.stop_all() == 1
+    assert _gone(info["pid"], within=15)

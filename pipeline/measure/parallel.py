@@ -77,9 +77,10 @@ def _one_thread_per_task(settings: ClusterSettings) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def local_cluster(settings: ClusterSettings):
-    """The local cluster ``settings`` describe (for this run, or resident: ``resident.serve``)."""
-    quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0"}
+def local_cluster(settings: ClusterSettings, security=None):
+    """The local cluster ``settings`` describe (for this run, or resident: ``resident.serve``,
+    with a ``distributed.Security`` that makes every connection TLS with its certificate)."""
+    quiet = {"silence_logs": logging.ERROR, "dashboard_address": ":0", "security": security}
     if settings.gpu != "off" and forkserver.cuda_visible():
         try:
             from dask_cuda import LocalCUDACluster  # extra `gpu`

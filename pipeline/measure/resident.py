@@ -15,10 +15,13 @@ The key covers what a worker runs and how: this interpreter, the source of every
 ``pipeline`` package (an edited or upgraded tree never joins workers running older code),
 the cluster settings and the variables that choose devices and threads. State lives in
 ``$THERMOSCOPE_RUNTIME_DIR`` (default ``$XDG_RUNTIME_DIR/thermoscope`` or
-``~/.cache/thermoscope/clusters``): ``<key>.json`` (pid, address once ready) and
-``<key>.log``. Like every local Dask cluster it listens on 127.0.0.1 without authentication;
-it just stays up longer. Not used for thread workers, when joining a given scheduler, or where
-CUDA is visible (GPU workers: untested here). Light: stdlib only until a cluster is started.
+``~/.cache/thermoscope/clusters``, kept 0700): ``<key>.json`` (pid, address once ready, and
+the cluster's TLS certificate and key) and ``<key>.log``. Unlike a plain local Dask cluster,
+which accepts any local connection (and so runs any local user's code) while it lives, a
+resident one lives for minutes, so it speaks TLS only (a self-signed certificate made at its
+start, ``Security.temporary``): only a client holding the certificate, i.e. this user,
+joins. Not used for thread workers, when joining a given scheduler, or where CUDA is visible
+(GPU workers: untested here). Light: stdlib only until a cluster is started.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def runtime_dir() -> Path:
         base = Path(xdg) / "thermoscope" if xdg else Path.home() / ".cache/thermoscope/clusters"
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)  # the state files hold the clusters' TLS keys: this user's only
     return path
 
 
@@ -83,7 +87,7 @@ def uses_resident(settings: ClusterSettings) -> bool:
 
 def launch(settings: ClusterSettings) -> Path:
     """Make sure a resident cluster for ``settings`` runs or is starting; return its state
-    file. Returns at once: ``address`` waits for it. Under a file lock, so two runs started
+    file. Returns at once: ``ready`` waits for it. Under a file lock, so two runs started
     together launch one."""
     key = cluster_key(settings)
     state = runtime_dir() / f"{key}.json"
@@ -109,16 +113,16 @@ def launch(settings: ClusterSettings) -> Path:
     return state
 
 
-def address(settings: ClusterSettings) -> str | None:
-    """The scheduler address of the resident cluster for ``settings`` (launched when none
-    runs), once it accepts clients; None when it could not be started (the caller then
-    starts a local cluster as without keep-alive; the reason is in its log)."""
+def ready(settings: ClusterSettings) -> dict | None:
+    """The state of the resident cluster for ``settings`` (launched when none runs: its
+    address and TLS credentials) once it accepts clients; None when it could not be started
+    (the caller then starts a local cluster as without keep-alive; the reason is in its log)."""
     state = launch(settings)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         info = _read(state)
         if info.get("address"):
-            return info["address"]
+            return info
         if not _alive(info.get("pid")):
             break
         time.sleep(0.02)
@@ -134,11 +138,11 @@ def client(settings: ClusterSettings):
     runs), or None when there is none to join: the caller starts a local cluster."""
     from distributed import Client
 
-    joined = address(settings)
-    if joined is None:
+    info = ready(settings)
+    if info is None:
         return None
     try:
-        return Client(joined, timeout="10s")
+        return Client(info["address"], timeout="10s", security=_client_security(info))
     except (OSError, TimeoutError) as exc:  # closed between reading its address and now
         logging.getLogger(__name__).warning("could not join the resident cluster (%s)", exc)
         return None
@@ -153,7 +157,8 @@ def stop_all() -> int:
         info = _read(state)
         if info.get("address") and _alive(info.get("pid")):
             with contextlib.suppress(OSError, TimeoutError):
-                with Client(info["address"], timeout="5s") as client:
+                security = _client_security(info)
+                with Client(info["address"], timeout="5s", security=security) as client:
                     client.shutdown()
                 stopped += 1
         state.unlink(missing_ok=True)
@@ -165,12 +170,16 @@ def serve(state: Path, settings: ClusterSettings) -> None:
     in ``state``, and close it once no client has been connected and no task held for
     ``keep_alive`` seconds (or when ``thermoscope cluster stop`` shuts it down). Idle means no
     client as well as no work, so a run that has joined is never closed under."""
+    from distributed.security import Security
+
     from pipeline.measure import forkserver
     from pipeline.measure.parallel import local_cluster
 
     forkserver.start()
-    cluster = local_cluster(settings)
-    info = {"pid": os.getpid(), "address": cluster.scheduler_address, "key": state.stem}
+    security = Security.temporary()  # a fresh self-signed certificate and key, in memory
+    cluster = local_cluster(settings, security)
+    tls = {"cert": security.tls_ca_file, "tls_key": security.tls_client_key}
+    info = {"pid": os.getpid(), "address": cluster.scheduler_address, "key": state.stem, **tls}
     _write(state, info)
     scheduler, idle_since = cluster.scheduler, time.monotonic()
     try:
@@ -198,6 +207,19 @@ def _in_use(scheduler) -> bool:
     """A client is connected (besides the scheduler's own fire-and-forget one) or tasks are
     held. Read from this thread while the scheduler runs in its loop's: two sizes, no state."""
     return len(scheduler.clients) > 1 or len(scheduler.tasks) > 0
+
+
+def _client_security(info: dict):
+    """TLS credentials of a client of the resident cluster whose state is ``info``: its
+    certificate, which only this user can read (the state file is in a 0700 folder)."""
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=info.get("cert"),
+        tls_client_cert=info.get("cert"),
+        tls_client_key=info.get("tls_key"),
+        require_encryption=True,
+    )
 
 
 def _pythonpath() -> str:
