@@ -211,9 +211,12 @@ def _in_use(scheduler) -> bool:
 
 def _client_security(info: dict):
     """TLS credentials of a client of the resident cluster whose state is ``info``: its
-    certificate, which only this user can read (the state file is in a 0700 folder)."""
+    certificate, which only this user can read (the state file is in a 0700 folder); none for
+    a resident of an earlier version (plain TCP, no certificate in its state)."""
     from distributed.security import Security
 
+    if not info.get("cert"):
+        return Security()
     return Security(
         tls_ca_file=info.get("cert"),
         tls_client_cert=info.get("cert"),
