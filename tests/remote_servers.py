@@ -63,11 +63,11 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             chunk = source.read(min(left, 1 << 16))
             if not chunk:
                 break
+            with self.server.lock:  # counted before it is written: a client that has the
+                self.server.bytes_sent += len(chunk)  # bytes always sees them counted
+                self.server.requests += 1
             outputfile.write(chunk)
             left -= len(chunk)
-            with self.server.lock:
-                self.server.bytes_sent += len(chunk)
-                self.server.requests += 1
 
 
 @contextlib.contextmanager
